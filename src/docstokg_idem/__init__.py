@@ -1,0 +1,1 @@
+"""docstokg_idem."""
