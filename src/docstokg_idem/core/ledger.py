@@ -1,0 +1,265 @@
+"""The operation ledger: each side effect's result recorded once, replayed after.
+
+An op is one side effect of a job (HEAD, STREAM, FINALIZE, INDEX), named by its
+op key. :func:`run_effect` records the op as in progress (with an expiry, I10),
+runs the effect, and records its result; the next call with the same key
+replays the recorded result byte for byte instead of running the effect again
+(I4). An op whose runner died between start and record is taken over by the
+next runner (I9): never left stuck, never replayed as ``{}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from . import telemetry
+from .crashpoints import crashpoint
+from .db import Connection, ensure_own, q, row, write
+from .errors import LeaseLost, OpInProgress, PayloadMismatch, ResultTooLarge
+from .jobs import _now, change_state, check_ttl, ensure_fence
+from .keys import canonical_json, request_fingerprint
+from .states import JobState, is_allowed
+
+DEFAULT_OP_TTL_S = 300.0
+MAX_RESULT_BYTES = 1 << 20
+
+Effect = Callable[[], Mapping[str, Any]]
+OnRecord = Callable[[Connection, dict[str, Any]], None]
+
+
+def get_effect_result(cx: sqlite3.Connection, *, opkey: str) -> dict[str, Any] | None:
+    """The recorded result of a succeeded op, or ``None``."""
+    raw = get_effect_record(cx, opkey=opkey)
+    return None if raw is None else _decode(raw)
+
+
+def get_effect_record(cx: sqlite3.Connection, *, opkey: str) -> bytes | None:
+    """The recorded result bytes (canonical JSON) of a succeeded op, or ``None``."""
+    got = row(ensure_own(cx), "get_op", {"op_key": opkey})
+    if got is None or got["status"] != "SUCCEEDED":
+        return None
+    return bytes(got["result"])
+
+
+def get_op(cx: sqlite3.Connection, *, opkey: str) -> dict[str, Any] | None:
+    got = row(ensure_own(cx), "get_op", {"op_key": opkey})
+    return None if got is None else dict(got)
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    value = json.loads(raw)
+    assert isinstance(value, dict)
+    return value
+
+
+def _encode(result: Mapping[str, Any], opkey: str, limit: int) -> bytes:
+    if not isinstance(result, Mapping):
+        raise TypeError(
+            f"effect of op {opkey!r} returned {type(result).__name__} {result!r:.80}; "
+            "an effect must return a mapping that canonical JSON can encode"
+        )
+    raw = canonical_json(dict(result))
+    if len(raw) > limit:
+        raise ResultTooLarge(
+            f"result of op {opkey!r} is {len(raw)} bytes of canonical JSON, over the "
+            f"limit of {limit}; record a digest or a path instead of the payload, or "
+            "raise max_result_bytes"
+        )
+    return raw
+
+
+def run_effect(
+    cx: sqlite3.Connection,
+    *,
+    job_id: str,
+    kind: str,
+    opkey: str,
+    effect_fn: Effect,
+    token: int | None = None,
+    owner: str | None = None,
+    fingerprint: str | None = None,
+    request: Any = None,
+    ttl_s: float | None = DEFAULT_OP_TTL_S,
+    then_state: JobState | str | None = None,
+    allowed_from: Collection[JobState | str] | None = None,
+    on_record: OnRecord | None = None,
+    locked: bool = False,
+    max_result_bytes: int = MAX_RESULT_BYTES,
+) -> dict[str, Any]:
+    """Run ``effect_fn`` once for ``opkey`` and record its result; replay after.
+
+    Args:
+        token: the lease token the effect runs under. The start, the record and
+            the state change are refused with :class:`LeaseLost` once that lease
+            moved on (I7). Without a token the op is guarded by its own
+            in-progress record and expiry only.
+        fingerprint: what identifies the request (or ``request``, hashed); the
+            same op key with another fingerprint raises :class:`PayloadMismatch`.
+        ttl_s: how long the in-progress record holds off other runners; 0 means
+            expired at once. ``None`` is an error.
+        then_state: a state the job moves to in the same transaction as the
+            record (from ``allowed_from``, or from any state with a forward edge).
+        on_record: called inside the record's transaction with the result, for
+            writes that must commit with it (a manifest entry).
+        locked: run the effect inside the record's transaction, holding the
+            write lock, after the lease was checked (a rename into place).
+
+    Raises:
+        PayloadMismatch, OpInProgress, LeaseLost, ResultTooLarge; and whatever
+        the effect raised, after recording it as FAILED (the op runs again on
+        the next call).
+    """
+    own = ensure_own(cx)
+    ttl = check_ttl(ttl_s, "op ttl_s")
+    fp = fingerprint or request_fingerprint(
+        request if request is not None else {"kind": kind, "job_id": job_id}
+    )
+    ident = {"op_key": opkey, "token": token, "owner": owner}
+
+    replay = write(own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident))
+    if replay is not None:
+        telemetry.emit("op_replayed", job=job_id, token=token, op=kind, key=opkey[:12])
+        return _decode(replay)
+    telemetry.emit("op_started", job=job_id, token=token, op=kind, key=opkey[:12])
+    crashpoint("op.after_start")
+
+    def record(tx: Connection, result: Mapping[str, Any]) -> bytes:
+        return _record(tx, job_id, kind, ident, result, max_result_bytes,
+                       then_state, allowed_from, on_record)
+
+    if locked:
+        def run_and_record(tx: Connection) -> bytes:
+            if token is not None:
+                ensure_fence(tx, job_id, token, f"{kind} effect")
+            result = _call(own, effect_fn, job_id, kind, ident)
+            crashpoint("op.after_effect")
+            return record(tx, result)
+
+        raw = _write_or_fail(own, run_and_record, job_id, kind, ident)
+    else:
+        result = _call(own, effect_fn, job_id, kind, ident)
+        crashpoint("op.after_effect")
+        raw = _write_or_fail(own, lambda tx: record(tx, result), job_id, kind, ident)
+    crashpoint("op.after_record")
+    telemetry.emit("op_completed", job=job_id, token=token, op=kind, key=opkey[:12],
+                   state=str(then_state) if then_state else None)
+    return _decode(raw)
+
+
+def _start(tx: Connection, job_id: str, kind: str, fp: str, ttl: float,
+           ident: dict[str, Any]) -> bytes | None:
+    now = _now(tx)
+    op = row(tx, "get_op", {"op_key": ident["op_key"]})
+    if op is not None:
+        if op["fingerprint"] != fp:
+            raise PayloadMismatch(
+                f"op key {ident['op_key']!r} ({op['kind']} of job {op['job_id']!r}) was "
+                f"recorded with request fingerprint {op['fingerprint'][:16]}…, and is now "
+                f"asked for with {fp[:16]}…; an op key names one request. Derive a new "
+                "op key for the new request (the recorded result is unchanged)"
+            )
+        if op["status"] == "SUCCEEDED":
+            return bytes(op["result"])
+        held = op["status"] == "IN_PROGRESS" and op["expires_at"] > now
+        if held and ident["token"] is None:
+            raise OpInProgress(
+                f"op {ident['op_key']!r} ({kind}) is in progress by {op['owner']!r} until "
+                f"{op['expires_at']:.3f} (now {now:.3f}); retry after it expires"
+            )
+    if ident["token"] is not None:
+        ensure_fence(tx, job_id, ident["token"], f"start of {kind}", now)
+    tx.execute(q("start_op"), {**ident, "job_id": job_id, "kind": kind,
+                               "fingerprint": fp, "now": now, "expires_at": now + ttl})
+    return None
+
+
+def _call(cx: Connection, fn: Effect, job_id: str, kind: str,
+          ident: dict[str, Any]) -> Mapping[str, Any]:
+    try:
+        return fn()
+    except Exception as exc:
+        _record_failure(cx, job_id, kind, ident, exc)
+        raise
+
+
+def _write_or_fail(cx: Connection, fn: Callable[[Connection], bytes], job_id: str,
+                   kind: str, ident: dict[str, Any]) -> bytes:
+    try:
+        return write(cx, fn)
+    except (ResultTooLarge, TypeError) as exc:
+        _record_failure(cx, job_id, kind, ident, exc)
+        raise
+
+
+def _record_failure(cx: Connection, job_id: str, kind: str, ident: dict[str, Any],
+                    exc: BaseException) -> None:
+    error = f"{type(exc).__name__}: {exc}"[:2000]
+    done = write(cx, lambda tx: tx.execute(
+        q("fail_op"), {**ident, "error": error, "now": _now(tx)}).rowcount)
+    exc.add_note(
+        f"op {kind} of job {job_id} (token {ident['token']}) "
+        + ("recorded as FAILED; it runs again on the next call" if done
+           else "was taken over by another runner meanwhile")
+    )
+    telemetry.emit("op_failed", job=job_id, token=ident["token"], op=kind, error=error)
+
+
+def _record(tx: Connection, job_id: str, kind: str, ident: dict[str, Any],
+            result: Mapping[str, Any], limit: int, then_state: JobState | str | None,
+            allowed_from: Collection[JobState | str] | None,
+            on_record: OnRecord | None) -> bytes:
+    raw = _encode(result, ident["op_key"], limit)
+    now = _now(tx)
+    token = ident["token"]
+    state = ensure_fence(tx, job_id, token, f"record of {kind}", now) if token else None
+    done = tx.execute(q("record_op"), {**ident, "result": raw, "now": now}).rowcount
+    if done != 1:
+        raise LeaseLost(
+            f"record of {kind} refused for job {job_id!r}: the op {ident['op_key']!r} is no "
+            f"longer in progress under token {token} / owner {ident['owner']!r} (another "
+            "runner took it over); stop working on this job"
+        )
+    if then_state is not None:
+        _move(tx, job_id, state, JobState(then_state), allowed_from, token, now)
+    if on_record is not None:
+        on_record(tx, _decode(raw))
+    return raw
+
+
+def _move(tx: Connection, job_id: str, state: str | None, dst: JobState,
+          allowed_from: Collection[JobState | str] | None, token: int | None,
+          now: float) -> None:
+    if state is None:
+        got = row(tx, "get_job", {"job_id": job_id})
+        assert got is not None
+        state = str(got["state"])
+    if state == dst.value:
+        return
+    allowed = {JobState(s) for s in allowed_from} if allowed_from is not None else None
+    if (allowed is not None and JobState(state) not in allowed) or not is_allowed(state, dst):
+        from .errors import InvalidTransition
+
+        raise InvalidTransition(
+            f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}"
+        )
+    change_state(tx, job_id, state, dst, at=now, token=token)
+
+
+def record_progress(cx: sqlite3.Connection, *, opkey: str, token: int | None,
+                    owner: str | None, job_id: str, progress: int,
+                    meta: Mapping[str, Any] | None = None) -> None:
+    """Record how far an in-progress op got (bytes received), fenced by the token."""
+    own = ensure_own(cx)
+
+    def save(tx: Connection) -> int:
+        if token is not None:
+            ensure_fence(tx, job_id, token, "progress record")
+        return int(tx.execute(q("op_progress"), {
+            "op_key": opkey, "token": token, "owner": owner, "progress": progress,
+            "meta": canonical_json(dict(meta or {})).decode()}).rowcount)
+
+    if write(own, save) != 1:
+        raise LeaseLost(f"progress record refused: op {opkey!r} is no longer ours")
