@@ -48,7 +48,17 @@ from .jobs import (
     renew_lease,
 )
 from .keys import canonical_json, canonical_url, job_key, op_key, request_fingerprint
-from .ledger import get_effect_record, get_effect_result, get_op, record_progress, run_effect
+from .ledger import (
+    add_manifest_entry,
+    get_effect_record,
+    get_effect_result,
+    get_op,
+    manifest_entries,
+    record_progress,
+    reopen_op,
+    run_effect,
+    set_digest,
+)
 from .reconcile import ReconcileReport, cleanup_stale_leases, cleanup_stale_ops, reconcile_jobs
 from .states import JobState
 
@@ -66,4 +76,5 @@ __all__ = [
     "idempotency_enabled", "job_key", "lease_next_job", "op_key", "plan_job_if_absent",
     "plan_jobs", "reconcile_jobs", "record_progress", "release_lease", "renew_lease",
     "request_fingerprint", "run_effect", "set_default_clock", "transaction",
+    "add_manifest_entry", "manifest_entries", "reopen_op", "set_digest",
 ]

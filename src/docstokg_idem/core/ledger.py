@@ -263,3 +263,43 @@ def record_progress(cx: sqlite3.Connection, *, opkey: str, token: int | None,
 
     if write(own, save) != 1:
         raise LeaseLost(f"progress record refused: op {opkey!r} is no longer ours")
+
+
+def reopen_op(cx: sqlite3.Connection, *, opkey: str, job_id: str, token: int,
+              reason: str) -> bool:
+    """Set a succeeded op aside so that it runs again, under the live lease.
+
+    For a result that points at something the world lost (a part file removed
+    by the reconciler). The old record stays in the row's error text.
+    """
+    own = ensure_own(cx)
+
+    def reopen(tx: Connection) -> int:
+        ensure_fence(tx, job_id, token, "reopen of an op")
+        return int(tx.execute(q("reopen_op"), {"op_key": opkey, "reason": reason,
+                                               "now": _now(tx)}).rowcount)
+
+    done = write(own, reopen) == 1
+    if done:
+        telemetry.emit("recovered", job=job_id, token=token, what="op reopened",
+                       reason=reason)
+    return done
+
+
+def add_manifest_entry(tx: Connection, *, job_id: str, final_name: str, sha256: str,
+                       size: int, token: int | None) -> None:
+    """Write the job's manifest entry inside the caller's transaction (I3)."""
+    tx.execute(q("insert_manifest"), {"job_id": job_id, "final_name": final_name,
+                                      "sha256": sha256, "size": size, "token": token,
+                                      "now": _now(tx)})
+
+
+def set_digest(tx: Connection, *, job_id: str, final_name: str, sha256: str,
+               size: int) -> None:
+    """Record the digest and final name a job's body must publish under."""
+    tx.execute(q("set_final"), {"job_id": job_id, "final_name": final_name,
+                                "sha256": sha256, "size": size})
+
+
+def manifest_entries(cx: sqlite3.Connection) -> list[dict[str, Any]]:
+    return [dict(r) for r in ensure_own(cx).execute(q("manifest_entries")).fetchall()]

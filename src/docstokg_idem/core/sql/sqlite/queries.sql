@@ -156,3 +156,10 @@ DELETE FROM manifest WHERE job_id = :job_id;
 -- name: extend_ops
 UPDATE ops SET expires_at = max(expires_at, :until)
 WHERE job_id = :job_id AND status = 'IN_PROGRESS' AND token = :token;
+
+-- name: reopen_op
+UPDATE ops SET status = 'ABANDONED', error = :reason, finished_at = :now
+WHERE op_key = :op_key AND status = 'SUCCEEDED';
+
+-- name: manifest_entries
+SELECT * FROM manifest ORDER BY recorded_at, job_id;
