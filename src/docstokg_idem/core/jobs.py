@@ -558,3 +558,46 @@ def fail_job(
     telemetry.emit("state_changed", job=job_id, token=token, state="FAILED",
                    retryable=again, reason=reason)
     return JobState.FAILED
+
+
+def expire_owner_leases(cx: sqlite3.Connection, *, owner: str, why: str) -> int:
+    """End every live lease of ``owner`` now; return how many.
+
+    Only for an owner known to be dead (its process was reaped): its jobs
+    become claimable at once instead of after their TTL. Fencing still guards
+    any write it might make (I7).
+    """
+    own = ensure_own(cx)
+
+    def expire(tx: Connection) -> list[sqlite3.Row]:
+        now = _claim_now(tx)
+        rows = tx.execute(q("expire_owner"), {"owner": owner, "now": now}).fetchall()
+        for lease in rows:
+            history(tx, lease["job_id"], "expire", at=now, token=lease["lease_token"],
+                    owner=owner, from_state=lease["state"], detail=why)
+        return rows
+
+    rows = write(own, expire)
+    for lease in rows:
+        telemetry.emit("recovered", job=lease["job_id"], token=lease["lease_token"],
+                       state=lease["state"], what=f"lease of dead owner ended: {why}")
+    return len(rows)
+
+
+def counts(cx: sqlite3.Connection) -> dict[str, Any]:
+    """Jobs per state (FAILED split into retryable and final) and lease counts."""
+    own = ensure_own(cx)
+    states: dict[str, int] = {}
+    for got in own.execute(q("state_counts")).fetchall():
+        name = got["state"]
+        if name == "FAILED":
+            name = "FAILED_RETRYABLE" if got["claimable"] else "FAILED_FINAL"
+        states[name] = states.get(name, 0) + got["n"]
+    leases = row(own, "lease_counts", {"now": _now(own)})
+    assert leases is not None
+    total = sum(states.values())
+    finished = sum(n for s, n in states.items()
+                   if s in {d.value for d in DONE} or s == "FAILED_FINAL")
+    return {"total": total, "finished": finished, "states": states,
+            "leases_live": leases["live"] or 0, "leases_expired": leases["expired"] or 0,
+            "backing_off": leases["backing_off"] or 0, "next_retry_at": leases["next_retry"]}

@@ -163,3 +163,18 @@ WHERE op_key = :op_key AND status = 'SUCCEEDED';
 
 -- name: manifest_entries
 SELECT * FROM manifest ORDER BY recorded_at, job_id;
+
+-- name: expire_owner
+UPDATE jobs SET lease_until = :now, updated_at = :now
+WHERE lease_owner = :owner AND lease_until > :now
+RETURNING job_id, lease_token, state;
+
+-- name: state_counts
+SELECT state, claimable, count(*) AS n FROM jobs GROUP BY state, claimable;
+
+-- name: lease_counts
+SELECT sum(lease_owner IS NOT NULL AND lease_until > :now) AS live,
+       sum(lease_owner IS NOT NULL AND lease_until <= :now) AS expired,
+       sum(claimable = 1 AND not_before > :now) AS backing_off,
+       min(CASE WHEN claimable = 1 AND not_before > :now THEN not_before END) AS next_retry
+FROM jobs;

@@ -1,0 +1,121 @@
+"""Read plan files: JSON lines or CSV rows of work_id, artifact_id, url[, sha256].
+
+Bad rows are reported with their line number and reason; good rows are kept,
+so one typo never stops the rest of a plan.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core import canonical_url
+from ..core.errors import IdemError
+
+FIELDS = ("work_id", "artifact_id", "url")
+SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    line: int
+    work_id: str
+    artifact_id: str
+    url: str
+    sha256: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"work_id": self.work_id, "artifact_id": self.artifact_id,
+                "url": self.url, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class PlanError:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+def read_plan(path: str | Path) -> tuple[list[PlanRow], list[PlanError]]:
+    """Parse a plan file; JSON lines if it ends in .jsonl/.json or starts with '{'."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8-sig")
+    first = text.lstrip()[:1]
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson") or first == "{":
+        return _read_jsonl(str(p), text)
+    return _read_csv(str(p), text)
+
+
+def _read_jsonl(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
+    rows, errors = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(PlanError(path, number, f"not valid JSON ({exc.msg} at column "
+                                                  f"{exc.colno}); each line must be one "
+                                                  "JSON object"))
+            continue
+        if not isinstance(raw, dict):
+            errors.append(PlanError(path, number, f"expected a JSON object, got "
+                                                  f"{type(raw).__name__} {raw!r:.60}"))
+            continue
+        _check(path, number, raw, rows, errors)
+    return rows, errors
+
+
+def _read_csv(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
+    rows: list[PlanRow] = []
+    errors: list[PlanError] = []
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    for record in reader:
+        number = reader.line_num
+        if not record or not any(cell.strip() for cell in record):
+            continue
+        if header is None:
+            cells = [c.strip().lower() for c in record]
+            if set(FIELDS) <= set(cells):
+                header = cells
+                continue
+            header = [*FIELDS, "sha256"]
+        raw = dict(zip(header, (c.strip() for c in record)))
+        if len(record) > len(header):
+            errors.append(PlanError(path, number, f"{len(record)} columns, expected at most "
+                                                  f"{len(header)} ({', '.join(header)})"))
+            continue
+        _check(path, number, raw, rows, errors)
+    return rows, errors
+
+
+def _check(path: str, number: int, raw: dict[str, Any], rows: list[PlanRow],
+           errors: list[PlanError]) -> None:
+    missing = [f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()]
+    if missing:
+        shown = {f: raw.get(f) for f in missing}
+        errors.append(PlanError(path, number, f"missing or empty {', '.join(missing)} "
+                                              f"(got {shown!r}); every row needs work_id, "
+                                              "artifact_id and url"))
+        return
+    sha = raw.get("sha256") or None
+    if sha is not None and (not isinstance(sha, str) or not SHA_RE.match(sha)):
+        errors.append(PlanError(path, number, f"sha256 {sha!r} is not 64 hex digits; "
+                                              "leave it empty or give the full digest"))
+        return
+    try:
+        url = canonical_url(raw["url"])
+    except (IdemError, ValueError) as exc:
+        errors.append(PlanError(path, number, f"url {raw['url']!r}: {exc}"))
+        return
+    rows.append(PlanRow(number, raw["work_id"], raw["artifact_id"], url,
+                        sha.lower() if sha else None))
