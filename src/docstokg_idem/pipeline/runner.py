@@ -50,6 +50,8 @@ class RunResult:
     stats: WorkerStats = field(default_factory=WorkerStats)
     interrupted: bool = False
     elapsed_s: float = 0.0
+    #: the crash points each worker was armed with, by owner name
+    armed: dict[str, list[str]] = field(default_factory=dict)
     final_counts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +98,7 @@ class Supervisor:
         self.tick_s = tick_s
         self.stats_dir = Path(template.out_dir) / ".workers"
         self.stopping = False
+        self.armed: dict[str, list[str]] = {}
 
     def run(self) -> RunResult:
         started = time.monotonic()
@@ -129,6 +132,7 @@ class Supervisor:
             self._stop_all(slots)
             close(cx)
         result.interrupted = self.stopping
+        result.armed = dict(self.armed)
         result.elapsed_s = time.monotonic() - started
         return result
 
@@ -149,6 +153,7 @@ class Supervisor:
         slot.owner = f"w{slot.index}.{slot.generation}"
         config = replace(self.template, owner=slot.owner)
         faults = self.faults(slot.index, slot.generation) if self.faults else []
+        self.armed[slot.owner] = [f["point"] for f in faults]
         stats_path = str(self.stats_dir / f"{slot.owner}.json")
         slot.process = self.ctx.Process(target=_worker_main, args=(config, faults, stats_path),
                                         name=f"docstokg-idem {slot.owner}", daemon=True)
