@@ -33,7 +33,7 @@ from .pipeline.http import HttpConfig
 from .pipeline.legacy import download_untracked
 from .pipeline.planfile import read_plan
 from .pipeline.runner import RunResult, Supervisor
-from .pipeline.worker import WorkerConfig
+from .pipeline.worker import WorkerConfig, WorkerStats
 
 console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -216,13 +216,18 @@ def _run_untracked(obj: dict[str, str], out: Path, plan_file: str | None, http: 
     ctx = mp.get_context("forkserver")
     specs = [r.as_dict() for r in rows]
     with ctx.Pool(workers) as pool:
-        stats = pool.starmap(download_untracked,
+        stats = pool.starmap(_download_shard,
                              [(specs, str(out), http, (i, workers)) for i in range(workers)])
     done = sum(s.jobs_done for s in stats)
     failed = sum(s.jobs_failed for s in stats)
     out_console.print(f"untracked: {done} downloaded, {failed} failed")
     if failed or errors:
         sys.exit(1)
+
+
+def _download_shard(specs: list[dict[str, Any]], out: str, http: HttpConfig,
+                    shard: tuple[int, int]) -> WorkerStats:
+    return download_untracked(specs, out, http=http, shard=shard)
 
 
 def _print_run(result: RunResult) -> None:

@@ -163,8 +163,9 @@ def run_demo(
         finally:
             close(cx)
     report = check(db_path, out, expected=expected)
-    duplicates = sum(1 for v in report.violations if v.invariant in ("I2", "I3", "I4", "I6"))
-    lost = sum(len(v.rows) for v in report.violations if v.invariant == "I1")
+    duplicates = sum(1 for v in report.violations
+                     if v.invariant in ("I2", "I3", "I4", "I6") and not v.lost)
+    lost = sum(len(v.rows) for v in report.violations if v.invariant == "I1" or v.lost)
     crash_points = [point for owner, code in run.exits if code and code < 0
                     for point in run.armed.get(owner, [])]
     return DemoReport(

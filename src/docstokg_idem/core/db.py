@@ -10,6 +10,13 @@ it reads (C06). A busy database is retried as a whole transaction, never inside
 one. Writers of this library also queue on an advisory file lock beside the
 database, which hands the write lock from process to process without SQLite's
 sleeping busy handler; a killed holder releases it with its process.
+
+A connection never crosses fork (C08). SQLite keeps lock state per process, and
+a forked child inherits the parent's copy: a child that opens its own
+connection while the parent holds a write would wait on a lock that nobody in
+the child will ever release. So a forked child closes its copies at once (which
+touches nothing shared, because connections never spill uncommitted pages into
+the WAL), and a copy used anyway raises :class:`InheritedConnection`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import random
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -34,6 +42,11 @@ from .errors import (
 )
 
 T = TypeVar("T")
+
+#: How many write locks this process holds right now (0 or 1 per connection).
+#: The harness's scheduler reads it at a crash point: a worker held there while
+#: holding the lock must be the next to run, or every other worker would block.
+write_locks_held = 0
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -58,6 +71,10 @@ def _load_queries() -> dict[str, str]:
 
 
 _QUERIES = _load_queries()
+
+
+#: The open connections of this process, closed in a forked child (C08).
+_OPEN: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 
 def q(name: str) -> str:
@@ -111,7 +128,11 @@ def connect(
     cx.lock_fd = None
     cx.depth = 0
     try:
+        _ensure_not_newer(cx)  # before WAL: a newer database is left byte for byte
         _configure(cx, memory=memory, synchronous=mode, busy_timeout_s=busy_timeout_s)
+    except SchemaTooNew:
+        cx.close()
+        raise
     except sqlite3.DatabaseError as exc:
         cx.close()
         if "not a database" in str(exc) or "malformed" in str(exc):
@@ -122,6 +143,7 @@ def connect(
         raise _unavailable(path, exc) from None
     if file_lock and not memory:
         cx.lock_fd = _open_lock(path)
+    _OPEN.add(cx)
     if migrate:
         try:
             apply_migration(cx)
@@ -139,6 +161,9 @@ def _configure(cx: Connection, *, memory: bool, synchronous: str, busy_timeout_s
             raise sqlite3.OperationalError(f"could not switch to WAL (journal_mode={mode})")
     cx.execute(f"PRAGMA synchronous = {synchronous}")
     cx.execute("PRAGMA foreign_keys = ON")
+    # Uncommitted pages stay in memory until COMMIT, so a forked child that
+    # closes its copy of an open write rolls back nothing the parent shares.
+    cx.execute("PRAGMA cache_spill = OFF")
 
 
 def _unavailable(path: str, exc: Exception) -> DatabaseUnavailable:
@@ -159,11 +184,29 @@ def _open_lock(path: str) -> int | None:
 
 def close(cx: Connection) -> None:
     """Close the connection and its lock file."""
+    _OPEN.discard(cx)
     if getattr(cx, "lock_fd", None) is not None:
         assert cx.lock_fd is not None
         os.close(cx.lock_fd)
         cx.lock_fd = None
     cx.close()
+
+
+def _close_inherited() -> None:
+    """In a forked child, close the copies of the parent's connections (C08).
+
+    Their owner stays the parent, so using one still raises
+    :class:`InheritedConnection`; closing them resets SQLite's per-process lock
+    state, so the child's own connections do not wait on the parent's locks.
+    """
+    for cx in list(_OPEN):
+        try:
+            close(cx)
+        except sqlite3.Error:
+            pass
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 def ensure_own(cx: sqlite3.Connection) -> Connection:
@@ -204,10 +247,12 @@ def transaction(cx: sqlite3.Connection, *, immediate: bool = True) -> Iterator[C
         finally:
             own.depth -= 1
         return
+    global write_locks_held
     locked = immediate and own.lock_fd is not None
     if locked:
         assert own.lock_fd is not None
         fcntl.flock(own.lock_fd, fcntl.LOCK_EX)
+    write_locks_held += 1
     try:
         own.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         own.depth = 1
@@ -222,6 +267,7 @@ def transaction(cx: sqlite3.Connection, *, immediate: bool = True) -> Iterator[C
         finally:
             own.depth = 0
     finally:
+        write_locks_held -= 1
         if locked:
             assert own.lock_fd is not None
             fcntl.flock(own.lock_fd, fcntl.LOCK_UN)
@@ -287,6 +333,18 @@ def get_schema_version(cx: sqlite3.Connection) -> int:
     return int(cx.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _ensure_not_newer(cx: Connection) -> int:
+    """Return the schema version; raise :class:`SchemaTooNew` above ours."""
+    current = get_schema_version(cx)
+    if current > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"database {cx.db_path!r} has schema version {current}, newer than "
+            f"{SCHEMA_VERSION}, the newest this docstokg-idem knows; upgrade "
+            "docstokg-idem to open it (the file was left untouched)"
+        )
+    return current
+
+
 def apply_migration(cx: sqlite3.Connection) -> int:
     """Bring the schema up to date, atomically; return the version reached.
 
@@ -298,13 +356,7 @@ def apply_migration(cx: sqlite3.Connection) -> int:
     """
 
     def migrate(tx: Connection) -> int:
-        current = get_schema_version(tx)
-        if current > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"database {tx.db_path!r} has schema version {current}, newer than "
-                f"{SCHEMA_VERSION}, the newest this docstokg-idem knows; upgrade "
-                "docstokg-idem to open it (the file was left untouched)"
-            )
+        current = _ensure_not_newer(tx)
         for version, name, script in MIGRATIONS:
             if version <= current:
                 continue

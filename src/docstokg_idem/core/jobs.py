@@ -49,7 +49,13 @@ def check_ttl(ttl_s: float | None, what: str = "ttl_s") -> float:
 
 
 def _now(cx: Connection) -> float:
-    return cx.clock.wall()
+    """Wall time; inside a transaction, the database's time of :func:`_claim_now`.
+
+    Every expiry written or compared in a transaction uses the same clock, so
+    a lease renewed (or an op started) after wall time moved backwards is not
+    already expired for the next claim (C14).
+    """
+    return _claim_now(cx) if cx.in_transaction else cx.clock.wall()
 
 
 def _claim_now(tx: Connection) -> float:
@@ -57,7 +63,7 @@ def _claim_now(tx: Connection) -> float:
 
     A wall clock moved backwards cannot bring an expired lease back to life.
     """
-    wall = _now(tx)
+    wall = tx.clock.wall()
     seen = row(tx, "get_meta", {"key": "wall_highwater"})
     high = float(seen[0]) if seen else 0.0
     if wall > high:
@@ -160,7 +166,7 @@ def plan_jobs(
     for index, spec in enumerate(rows):
         try:
             params.append(_job_params(spec, now, max_attempts))
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             exc.add_note(f"plan_jobs: row {index} {dict(spec)!r}")
             raise
 
@@ -486,7 +492,9 @@ def advance_state(
         if actual == dst.value:
             return None
         if (allowed is not None and JobState(actual) not in allowed) or not is_allowed(actual, dst):
-            names = sorted(s.value for s in allowed) if allowed is not None else "its edges"
+            sources = allowed if allowed is not None else {
+                s for s in JobState if is_allowed(s, dst)}
+            names = sorted(s.value for s in sources)
             raise InvalidTransition(
                 f"job {job_id!r} cannot move to {dst}: it is in {actual}, and the change "
                 f"is allowed only from {names} along a forward edge; check the job's "

@@ -131,14 +131,20 @@ def run_effect(
                        then_state, allowed_from, on_record)
 
     if locked:
+        raised: list[BaseException] = []
+
         def run_and_record(tx: Connection) -> bytes:
             if token is not None:
                 ensure_fence(tx, job_id, token, f"{kind} effect")
-            result = _call(own, effect_fn, job_id, kind, ident)
+            try:
+                result = effect_fn()
+            except Exception as exc:
+                raised.append(exc)  # recorded once this transaction rolled back
+                raise
             crashpoint("op.after_effect")
             return record(tx, result)
 
-        raw = _write_or_fail(own, run_and_record, job_id, kind, ident)
+        raw = _write_or_fail(own, run_and_record, job_id, kind, ident, raised)
     else:
         result = _call(own, effect_fn, job_id, kind, ident)
         crashpoint("op.after_effect")
@@ -186,11 +192,19 @@ def _call(cx: Connection, fn: Effect, job_id: str, kind: str,
 
 
 def _write_or_fail(cx: Connection, fn: Callable[[Connection], bytes], job_id: str,
-                   kind: str, ident: dict[str, Any]) -> bytes:
+                   kind: str, ident: dict[str, Any],
+                   effect_errors: list[BaseException] | None = None) -> bytes:
+    """Run the record's transaction; record a failure after it rolled back.
+
+    An unrecordable result, or an error of an effect run inside the
+    transaction (``effect_errors``), marks the op FAILED so that it runs again.
+    """
     try:
         return write(cx, fn)
-    except (ResultTooLarge, TypeError) as exc:
-        _record_failure(cx, job_id, kind, ident, exc)
+    except Exception as exc:
+        if isinstance(exc, (ResultTooLarge, TypeError)) or (
+                effect_errors and exc is effect_errors[-1]):
+            _record_failure(cx, job_id, kind, ident, exc)
         raise
 
 
@@ -242,8 +256,12 @@ def _move(tx: Connection, job_id: str, state: str | None, dst: JobState,
     if (allowed is not None and JobState(state) not in allowed) or not is_allowed(state, dst):
         from .errors import InvalidTransition
 
+        sources = allowed if allowed is not None else {
+            s for s in JobState if is_allowed(s, dst)}
         raise InvalidTransition(
-            f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}"
+            f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}, "
+            f"and the change is allowed only from {sorted(s.value for s in sources)} "
+            "along a forward edge; the op was not recorded"
         )
     change_state(tx, job_id, state, dst, at=now, token=token)
 

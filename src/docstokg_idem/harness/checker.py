@@ -44,6 +44,8 @@ class Violation:
     invariant: str
     message: str
     rows: tuple[dict[str, Any], ...] = ()
+    #: an effect that never happened (an INDEX lost), as opposed to one done twice
+    lost: bool = False
 
     def __str__(self) -> str:
         head = f"{self.invariant} ({INVARIANTS[self.invariant]}): {self.message}"
@@ -164,7 +166,7 @@ def _check(cx: sqlite3.Connection, out: Path, expected: Mapping[str, Expected],
     checks = {
         "I1": lambda: _i1(jobs, now),
         "I2": lambda: _i2(jobs, finals, expected),
-        "I3": lambda: _i3(jobs, hist, manifest),
+        "I3": lambda: _i3(jobs, hist, manifest, now if after_reconcile else None),
         "I4": lambda: _i4(ops),
         "I5": lambda: _i5(jobs, hist),
         "I6": lambda: _i6(leases),
@@ -238,7 +240,12 @@ def _i2(jobs: Mapping[str, dict[str, Any]], finals: Mapping[str, Path],
 
 
 def _i3(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, Any]]],
-        manifest: Mapping[str, dict[str, Any]]) -> list[Violation]:
+        manifest: Mapping[str, dict[str, Any]], recovered_at: float | None) -> list[Violation]:
+    """One FINALIZED transition and one manifest entry per published job.
+
+    After recovery (``recovered_at`` set) a FINALIZED job that nobody holds
+    must have its manifest entry too: else its INDEX was lost.
+    """
     out = []
     for job_id, job in jobs.items():
         events = hist.get(job_id, [])
@@ -253,10 +260,19 @@ def _i3(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, An
         if indexed and job_id not in manifest:
             out.append(Violation("I3", f"job {job_id[:12]} is {job['state']} with no manifest "
                                        "entry", (_brief(job),)))
+        unindexed = job["state"] == "FINALIZED" and job_id not in manifest
+        if unindexed and recovered_at is not None and not _held(job, recovered_at):
+            out.append(Violation("I3", f"job {job_id[:12]} stayed FINALIZED with no manifest "
+                                       "entry after recovery: its INDEX was lost",
+                                 (_brief(job),), lost=True))
         if job_id in manifest and not indexed and job["state"] != "FINALIZED":
             out.append(Violation("I3", f"manifest entry for job {job_id[:12]} in state "
                                        f"{job['state']}", (manifest[job_id],)))
     return out
+
+
+def _held(job: Mapping[str, Any], now: float) -> bool:
+    return job["lease_owner"] is not None and job["lease_until"] > now
 
 
 def _i4(ops: list[dict[str, Any]]) -> list[Violation]:
@@ -459,11 +475,15 @@ def timeline(db_path: str | os.PathLike[str], *, job_id: str | None = None) -> s
     if not rows:
         return "(no history)"
     t0 = rows[0]["at"]
+    owners = {(h["job_id"], h["token"]): h["owner"] for h in rows if h["event"] == "claim"}
     lanes: dict[str, list[str]] = defaultdict(list)
     for h in rows:
-        who = h["owner"] or f"token {h['token']}" if h["token"] else (h["owner"] or "reconciler")
+        who = h["owner"] or owners.get((h["job_id"], h["token"])) or "reconciler"
         what = h["event"]
         if h["from_state"] or h["to_state"]:
             what += f" {h['from_state'] or ''}->{h['to_state'] or ''}"
-        lanes[who].append(f"+{h['at'] - t0:8.3f}s job {h['job_id'][:8]} t{h['token']} {what}")
+        if h["detail"]:
+            what += f" ({h['detail']})"
+        token = f"t{h['token']}" if h["token"] is not None else "--"
+        lanes[who].append(f"+{h['at'] - t0:8.3f}s job {h['job_id'][:8]} {token:>3} {what}")
     return "\n".join(f"[{who}]\n  " + "\n  ".join(lines) for who, lines in lanes.items())

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import urllib3
+
 from ..core.files import final_name, fsync_dir
 from ..core.keys import job_key
 from .http import Client, HttpConfig, HttpError
@@ -57,6 +59,16 @@ def _fetch_one(client: Client, spec: Mapping[str, Any], out: Path, stats: Worker
     if any(p.name.startswith(job_id) and not p.name.endswith(".part") for p in out.glob(f"{job_id}*")):
         return
     part = out / f"{job_id}.{os.getpid()}.part"
+    try:
+        _publish(client, spec, job_id, part, out, stats, durable)
+    except urllib3.exceptions.HTTPError as exc:  # a body cut short or reset
+        raise HttpError(f"{spec['url']}: {type(exc).__name__}: {exc}", retryable=True) from None
+    finally:
+        part.unlink(missing_ok=True)  # renamed away on success; residue after a failure
+
+
+def _publish(client: Client, spec: Mapping[str, Any], job_id: str, part: Path, out: Path,
+             stats: WorkerStats, durable: bool) -> None:
     digest = hashlib.sha256()
     with client.get(spec["url"]) as resp:
         name = final_name(job_id, suffix_for(resp.headers.get("Content-Type")))
@@ -71,7 +83,6 @@ def _fetch_one(client: Client, spec: Mapping[str, Any], out: Path, stats: Worker
                 os.fsync(f.fileno())
     expected = spec.get("sha256")
     if expected and digest.hexdigest() != expected:
-        part.unlink(missing_ok=True)
         raise HttpError(f"{spec['url']}: SHA-256 {digest.hexdigest()} is not the planned "
                         f"{expected}", retryable=True)
     os.replace(part, out / name)

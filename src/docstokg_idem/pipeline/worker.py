@@ -193,18 +193,35 @@ class Worker:
             raise BodyTooLarge(f"{lease.url}: HEAD says {head['size']} bytes, over the "
                                f"maximum of {self.config.http.max_body_bytes}")
         stream = self._stream(head)
+        if not self._publishable(stream):
+            stream = self._stream_again(head, f"part file {stream['part']} recorded by "
+                                              "STREAM is gone; streaming again")
         try:
             self._finalize(stream)
         except PartMissing as exc:
-            reopen_op(self.cx, opkey=self._key("STREAM"), job_id=lease.job_id,
-                      token=self.lease.token, reason=str(exc))
-            stream = self._stream(head)
+            # TODO: the reconciler may remove an older token's part between the
+            # check above and the rename; this retry then starts FINALIZE a
+            # second time under one lease, which the checker reports under I9.
+            stream = self._stream_again(head, str(exc))
             self._finalize(stream)
         self._index(stream)
         self.lease.release()
         self.stats.jobs_done += 1
         log.info("done job=%s token=%s state=INDEXED size=%s", lease.job_id[:12],
                  lease.token, stream["size"])
+
+    def _publishable(self, stream: dict[str, Any]) -> bool:
+        """Check the world before FINALIZE starts: the part or the final file is there."""
+        if (self.out / stream["part"]).exists():
+            return True
+        final = self.out / stream["final"]
+        return final.exists() and sha256_file(final) == (stream["sha256"], stream["size"])
+
+    def _stream_again(self, head: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Set the recorded STREAM aside (its part file is gone) and stream anew."""
+        reopen_op(self.cx, opkey=self._key("STREAM"), job_id=self.lease.job_id,
+                  token=self.lease.token, reason=reason)
+        return self._stream(head)
 
     def _key(self, kind: str) -> str:
         return op_key(kind, self.lease.job_id)
@@ -228,8 +245,13 @@ class Worker:
             crashpoint("head.after_response")
             return answer
 
-        return self._effect("HEAD", head, then_state=JobState.HEAD_DONE,
-                            allowed_from={JobState.LEASED})
+        answer = self._effect("HEAD", head, then_state=JobState.HEAD_DONE,
+                              allowed_from={JobState.LEASED})
+        if self.lease.state == JobState.LEASED:
+            # A retry out of FAILED is claimed as LEASED and replays the recorded
+            # HEAD, which moves no state: take the HEAD_DONE edge here.
+            self.lease.advance(JobState.HEAD_DONE, {JobState.LEASED})
+        return answer
 
     # --- STREAM ---------------------------------------------------------------
 
