@@ -59,6 +59,10 @@ class Connection(sqlite3.Connection):
     clock: Clock
     lock_fd: int | None
     depth: int
+    #: the transaction's "now", read once per transaction (see jobs._now)
+    tx_now: float | None
+    #: whether the last run_effect call replayed a recorded result
+    last_replayed: bool
 
 
 def _load_queries() -> dict[str, str]:
@@ -127,6 +131,8 @@ def connect(
     cx.clock = clock or default_clock()
     cx.lock_fd = None
     cx.depth = 0
+    cx.tx_now = None
+    cx.last_replayed = False
     try:
         _ensure_not_newer(cx)  # before WAL: a newer database is left byte for byte
         _configure(cx, memory=memory, synchronous=mode, busy_timeout_s=busy_timeout_s)
@@ -256,6 +262,7 @@ def transaction(cx: sqlite3.Connection, *, immediate: bool = True) -> Iterator[C
     try:
         own.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         own.depth = 1
+        own.tx_now = None
         try:
             yield own
         except BaseException:

@@ -55,7 +55,14 @@ def _now(cx: Connection) -> float:
     a lease renewed (or an op started) after wall time moved backwards is not
     already expired for the next claim (C14).
     """
-    return _claim_now(cx) if cx.in_transaction else cx.clock.wall()
+    if not cx.in_transaction:
+        return cx.clock.wall()
+    if getattr(cx, "tx_now", None) is None:
+        wall = cx.clock.wall()
+        seen = row(cx, "get_meta", {"key": "wall_highwater"})
+        cx.tx_now = max(wall, float(seen[0])) if seen else wall
+    assert cx.tx_now is not None
+    return cx.tx_now
 
 
 def _claim_now(tx: Connection) -> float:
@@ -68,7 +75,8 @@ def _claim_now(tx: Connection) -> float:
     high = float(seen[0]) if seen else 0.0
     if wall > high:
         tx.execute(q("set_meta"), {"key": "wall_highwater", "value": repr(wall)})
-        return wall
+        high = wall
+    tx.tx_now = high
     return high
 
 

@@ -19,7 +19,7 @@ from . import telemetry
 from .crashpoints import crashpoint
 from .db import Connection, ensure_own, q, row, write
 from .errors import LeaseLost, OpInProgress, PayloadMismatch, ResultTooLarge
-from .jobs import _now, change_state, check_ttl, ensure_fence
+from .jobs import _now, change_state, check_ttl, ensure_fence, history
 from .keys import canonical_json, request_fingerprint
 from .states import JobState, is_allowed
 
@@ -71,6 +71,9 @@ def _encode(result: Mapping[str, Any], opkey: str, limit: int) -> bytes:
     return raw
 
 
+MODES = ("tracked", "atomic", "first_wins")
+
+
 def run_effect(
     cx: sqlite3.Connection,
     *,
@@ -83,9 +86,12 @@ def run_effect(
     fingerprint: str | None = None,
     request: Any = None,
     ttl_s: float | None = DEFAULT_OP_TTL_S,
+    mode: str = "tracked",
+    start_state: JobState | str | None = None,
     then_state: JobState | str | None = None,
     allowed_from: Collection[JobState | str] | None = None,
     on_record: OnRecord | None = None,
+    then_release: bool = False,
     locked: bool = False,
     max_result_bytes: int = MAX_RESULT_BYTES,
 ) -> dict[str, Any]:
@@ -100,10 +106,18 @@ def run_effect(
             same op key with another fingerprint raises :class:`PayloadMismatch`.
         ttl_s: how long the in-progress record holds off other runners; 0 means
             expired at once. ``None`` is an error.
+        mode: ``"tracked"`` (default) commits an in-progress record, runs the
+            effect, then commits the result. ``"atomic"`` does all three in one
+            transaction, for an effect with nothing outside the database (an
+            index entry). ``"first_wins"`` records nothing before the effect and
+            keeps the first result recorded, for a safe, repeatable effect
+            (HEAD).
+        start_state: a state the job moves to in the start's transaction.
         then_state: a state the job moves to in the same transaction as the
             record (from ``allowed_from``, or from any state with a forward edge).
         on_record: called inside the record's transaction with the result, for
             writes that must commit with it (a manifest entry).
+        then_release: release the lease in the record's transaction.
         locked: run the effect inside the record's transaction, holding the
             write lock, after the lease was checked (a rename into place).
 
@@ -113,22 +127,30 @@ def run_effect(
         the next call).
     """
     own = ensure_own(cx)
+    if mode not in MODES:
+        raise ValueError(f"run_effect mode={mode!r} is not a mode; use one of {MODES}")
     ttl = check_ttl(ttl_s, "op ttl_s")
     fp = fingerprint or request_fingerprint(
         request if request is not None else {"kind": kind, "job_id": job_id}
     )
     ident = {"op_key": opkey, "token": token, "owner": owner}
 
-    replay = write(own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident))
+    def record(tx: Connection, result: Mapping[str, Any]) -> bytes:
+        return _record(tx, job_id, kind, ident, result, max_result_bytes, then_state,
+                       allowed_from, on_record, then_release)
+
+    if mode == "first_wins":
+        return _first_wins(own, job_id, kind, fp, ident, effect_fn, record)
+    if mode == "atomic":
+        return _atomic(own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state)
+
+    replay = write(own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident, start_state))
+    own.last_replayed = replay is not None
     if replay is not None:
         telemetry.emit("op_replayed", job=job_id, token=token, op=kind, key=opkey[:12])
         return _decode(replay)
     telemetry.emit("op_started", job=job_id, token=token, op=kind, key=opkey[:12])
     crashpoint("op.after_start")
-
-    def record(tx: Connection, result: Mapping[str, Any]) -> bytes:
-        return _record(tx, job_id, kind, ident, result, max_result_bytes,
-                       then_state, allowed_from, on_record)
 
     if locked:
         raised: list[BaseException] = []
@@ -150,23 +172,97 @@ def run_effect(
         crashpoint("op.after_effect")
         raw = _write_or_fail(own, lambda tx: record(tx, result), job_id, kind, ident)
     crashpoint("op.after_record")
-    telemetry.emit("op_completed", job=job_id, token=token, op=kind, key=opkey[:12],
-                   state=str(then_state) if then_state else None)
+    _completed(job_id, kind, ident, then_state)
     return _decode(raw)
 
 
+def _completed(job_id: str, kind: str, ident: dict[str, Any],
+               then_state: JobState | str | None) -> None:
+    telemetry.emit("op_completed", job=job_id, token=ident["token"], op=kind,
+                   key=ident["op_key"][:12], state=str(then_state) if then_state else None)
+    if then_state is not None:
+        telemetry.emit("state_changed", job=job_id, token=ident["token"],
+                       state=str(JobState(then_state)))
+
+
+def _replayed(cx: Connection, job_id: str, kind: str, ident: dict[str, Any],
+              raw: bytes) -> dict[str, Any]:
+    cx.last_replayed = True
+    telemetry.emit("op_replayed", job=job_id, token=ident["token"], op=kind,
+                   key=ident["op_key"][:12])
+    return _decode(raw)
+
+
+def _first_wins(cx: Connection, job_id: str, kind: str, fp: str, ident: dict[str, Any],
+                effect_fn: Effect, record: Callable[[Connection, Mapping[str, Any]], bytes]
+                ) -> dict[str, Any]:
+    """A repeatable effect: run it unless recorded, then keep the first result."""
+    known = row(cx, "get_op", {"op_key": ident["op_key"]})
+    if known is not None:
+        _same_request(known, fp, ident)
+        if known["status"] == "SUCCEEDED":
+            return _replayed(cx, job_id, kind, ident, bytes(known["result"]))
+    cx.last_replayed = False
+    result = effect_fn()
+    crashpoint("op.after_effect")
+
+    def keep_first(tx: Connection) -> tuple[bytes, bool]:
+        op = row(tx, "get_op", {"op_key": ident["op_key"]})
+        if op is not None:
+            _same_request(op, fp, ident)
+            if op["status"] == "SUCCEEDED":
+                return bytes(op["result"]), True
+        if ident["token"] is not None:
+            ensure_fence(tx, job_id, ident["token"], f"record of {kind}")
+        tx.execute(q("start_op"), {**ident, "job_id": job_id, "kind": kind,
+                                   "fingerprint": fp, "now": _now(tx), "expires_at": _now(tx)})
+        return record(tx, result), False
+
+    raw, first = write(cx, keep_first)
+    if first:
+        return _replayed(cx, job_id, kind, ident, raw)
+    crashpoint("op.after_record")
+    _completed(job_id, kind, ident, None)
+    return _decode(raw)
+
+
+def _atomic(cx: Connection, job_id: str, kind: str, fp: str, ttl: float,
+            ident: dict[str, Any], effect_fn: Effect,
+            record: Callable[[Connection, Mapping[str, Any]], bytes],
+            start_state: JobState | str | None) -> dict[str, Any]:
+    """Start, run and record in one transaction: no window for a crash between."""
+
+    def once(tx: Connection) -> tuple[bytes, bool]:
+        replay = _start(tx, job_id, kind, fp, ttl, ident, start_state)
+        if replay is not None:
+            return replay, True
+        return record(tx, effect_fn()), False
+
+    raw, replayed = write(cx, once)
+    cx.last_replayed = replayed
+    if replayed:
+        return _replayed(cx, job_id, kind, ident, raw)
+    crashpoint("op.after_record")
+    _completed(job_id, kind, ident, None)
+    return _decode(raw)
+
+
+def _same_request(op: sqlite3.Row, fp: str, ident: dict[str, Any]) -> None:
+    if op["fingerprint"] != fp:
+        raise PayloadMismatch(
+            f"op key {ident['op_key']!r} ({op['kind']} of job {op['job_id']!r}) was "
+            f"recorded with request fingerprint {op['fingerprint'][:16]}…, and is now "
+            f"asked for with {fp[:16]}…; an op key names one request. Derive a new "
+            "op key for the new request (the recorded result is unchanged)"
+        )
+
+
 def _start(tx: Connection, job_id: str, kind: str, fp: str, ttl: float,
-           ident: dict[str, Any]) -> bytes | None:
+           ident: dict[str, Any], start_state: JobState | str | None = None) -> bytes | None:
     now = _now(tx)
     op = row(tx, "get_op", {"op_key": ident["op_key"]})
     if op is not None:
-        if op["fingerprint"] != fp:
-            raise PayloadMismatch(
-                f"op key {ident['op_key']!r} ({op['kind']} of job {op['job_id']!r}) was "
-                f"recorded with request fingerprint {op['fingerprint'][:16]}…, and is now "
-                f"asked for with {fp[:16]}…; an op key names one request. Derive a new "
-                "op key for the new request (the recorded result is unchanged)"
-            )
+        _same_request(op, fp, ident)
         if op["status"] == "SUCCEEDED":
             return bytes(op["result"])
         held = op["status"] == "IN_PROGRESS" and op["expires_at"] > now
@@ -175,8 +271,11 @@ def _start(tx: Connection, job_id: str, kind: str, fp: str, ttl: float,
                 f"op {ident['op_key']!r} ({kind}) is in progress by {op['owner']!r} until "
                 f"{op['expires_at']:.3f} (now {now:.3f}); retry after it expires"
             )
+    state = None
     if ident["token"] is not None:
-        ensure_fence(tx, job_id, ident["token"], f"start of {kind}", now)
+        state = ensure_fence(tx, job_id, ident["token"], f"start of {kind}", now)
+    if start_state is not None:
+        _move(tx, job_id, state, JobState(start_state), None, ident["token"], now)
     tx.execute(q("start_op"), {**ident, "job_id": job_id, "kind": kind,
                                "fingerprint": fp, "now": now, "expires_at": now + ttl})
     return None
@@ -224,7 +323,7 @@ def _record_failure(cx: Connection, job_id: str, kind: str, ident: dict[str, Any
 def _record(tx: Connection, job_id: str, kind: str, ident: dict[str, Any],
             result: Mapping[str, Any], limit: int, then_state: JobState | str | None,
             allowed_from: Collection[JobState | str] | None,
-            on_record: OnRecord | None) -> bytes:
+            on_record: OnRecord | None, then_release: bool = False) -> bytes:
     raw = _encode(result, ident["op_key"], limit)
     now = _now(tx)
     token = ident["token"]
@@ -240,6 +339,13 @@ def _record(tx: Connection, job_id: str, kind: str, ident: dict[str, Any],
         _move(tx, job_id, state, JobState(then_state), allowed_from, token, now)
     if on_record is not None:
         on_record(tx, _decode(raw))
+    if then_release:
+        released = row(tx, "release", {"job_id": job_id, "owner": ident["owner"],
+                                       "token": token, "now": now})
+        if released is None:
+            raise LeaseLost(f"release with the record of {kind} refused for job {job_id!r}")
+        history(tx, job_id, "release", at=now, token=released[0], owner=ident["owner"],
+                from_state=released[1], to_state=released[1])
     return raw
 
 

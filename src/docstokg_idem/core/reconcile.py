@@ -7,6 +7,8 @@
 - a part file whose token is not the active lease of its job is removed;
 - a FINALIZED job whose file vanished goes back to be downloaded again, with
   the reason in its history;
+- a FINALIZED job whose worker died before writing its manifest entry is
+  indexed, once its file is checked against the recorded digest;
 - a complete file in place whose job is not FINALIZED (a worker died between
   the rename and its record) is hashed; if it matches the recorded digest the
   job is finalized and indexed, otherwise the file is removed.
@@ -39,11 +41,13 @@ class ReconcileReport:
     parts_removed: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
+    indexed: list[str] = field(default_factory=list)
     strays_removed: list[str] = field(default_factory=list)
 
     def total(self) -> int:
         return (self.leases_cleared + self.ops_abandoned + len(self.parts_removed)
-                + len(self.repaired) + len(self.adopted) + len(self.strays_removed))
+                + len(self.repaired) + len(self.adopted) + len(self.indexed)
+                + len(self.strays_removed))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +56,7 @@ class ReconcileReport:
             "parts_removed": len(self.parts_removed),
             "repaired": len(self.repaired),
             "adopted": len(self.adopted),
+            "indexed": len(self.indexed),
             "strays_removed": len(self.strays_removed),
         }
 
@@ -111,6 +116,7 @@ def reconcile_jobs(
     _remove_dead_parts(own, staging_root, report, now)
     _repair_missing(own, staging_root, report)
     _adopt_or_remove_finals(own, staging_root, report)
+    _index_finalized(own, staging_root, report)
     return report
 
 
@@ -219,3 +225,39 @@ def _adopt(tx: Connection, job: sqlite3.Row, name: str, at: float) -> None:
     change_state(tx, job_id, "FINALIZED", JobState.INDEXED, at=at, token=None, detail=detail)
     tx.execute(q("abandon_job_ops"), {"reason": detail, "job_id": job_id,
                                       "kinds": None, "only_open": 1})
+
+
+def _index_finalized(cx: Connection, root: str | os.PathLike[str],
+                     report: ReconcileReport) -> None:
+    """Write the manifest entry of FINALIZED jobs whose worker died before it."""
+    at = cx.clock.wall()
+    for job in cx.execute(q("finalized_unindexed"), {"now": at}).fetchall():
+        path = os.path.join(root, str(job["final_name"] or ""))
+        if not job["final_name"] or not os.path.exists(path):
+            continue  # _repair_missing sends it back to be downloaded
+        if sha256_file(path) != (job["sha256"], job["size"]):
+            continue
+
+        def index(tx: Connection, job_id: str = job["job_id"]) -> bool:
+            current = row(tx, "get_job", {"job_id": job_id})
+            now = _claim_now(tx)
+            if current is None or current["state"] != "FINALIZED":
+                return False
+            if current["lease_owner"] is not None and current["lease_until"] > now:
+                return False
+            detail = "indexed by reconcile: the worker died after FINALIZE"
+            tx.execute(q("insert_manifest"), {"job_id": job_id,
+                                              "final_name": current["final_name"],
+                                              "sha256": current["sha256"],
+                                              "size": current["size"], "token": None,
+                                              "now": now})
+            change_state(tx, job_id, "FINALIZED", JobState.INDEXED, at=now, token=None,
+                         detail=detail)
+            tx.execute(q("abandon_job_ops"), {"reason": detail, "job_id": job_id,
+                                              "kinds": None, "only_open": 1})
+            return True
+
+        if write(cx, index):
+            report.indexed.append(job["job_id"])
+            telemetry.emit("recovered", job=job["job_id"], token=None, state="INDEXED",
+                           what="manifest entry written for a finalized job")

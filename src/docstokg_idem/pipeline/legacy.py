@@ -28,9 +28,9 @@ log = logging.getLogger("docstokg_idem.legacy")
 def download_untracked(
     rows: Iterable[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
-    *,
     http: HttpConfig | None = None,
     shard: tuple[int, int] = (0, 1),
+    *,
     durable: bool = True,
 ) -> WorkerStats:
     """Fetch every row of this shard (``index % count == shard index``)."""

@@ -178,3 +178,8 @@ SELECT sum(lease_owner IS NOT NULL AND lease_until > :now) AS live,
        sum(claimable = 1 AND not_before > :now) AS backing_off,
        min(CASE WHEN claimable = 1 AND not_before > :now THEN not_before END) AS next_retry
 FROM jobs;
+
+-- name: finalized_unindexed
+SELECT j.* FROM jobs AS j LEFT JOIN manifest AS m ON m.job_id = j.job_id
+WHERE j.state = 'FINALIZED' AND m.job_id IS NULL
+  AND (j.lease_owner IS NULL OR j.lease_until <= :now);

@@ -1,0 +1,251 @@
+"""Deliberately broken variants of the core and the pipeline.
+
+Each mutant is one small, obviously wrong patch. :func:`apply` installs it in
+the current process only: the worker pool and the recovery pass call it at the
+start of each child process (``WorkerSpec.mutant``, ``World.mutant``), so the
+test process and every other test stay on the real code. The chaos tests in
+``tests/chaos/test_mutants.py`` prove that the checker catches every one of
+them, which is what makes a passing run of the real code mean something.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+#: Every mutant, with what it breaks. The one registry.
+MUTANTS: dict[str, str] = {
+    "claim_ignores_live_lease": "the claim takes a job whose lease is still live",
+    "finalize_without_fence": "FINALIZE renames and records without checking the token",
+    "op_done_before_effect": "FINALIZE is recorded as done before its rename runs",
+    "stale_lease_cleared_unclaimable": "clearing an expired lease also sets claimable = 0",
+    "results_truncated": "recorded op results are cut to their first 64 bytes",
+    "shared_part_file": "part files are named without the token and opened without O_EXCL",
+    "ttl0_no_expiry": "a TTL of 0 is read as 'no expiry' (ten years)",
+    "renew_without_token": "renew ignores the token and the expiry of the lease",
+    "progress_before_write": "STREAM records a chunk's progress before writing it",
+    "token_reused": "a claim keeps the job's token instead of taking a new one",
+    "index_outside_transaction": "the manifest entry is written after the INDEX record",
+    "no_dir_fsync": "FINALIZE does not fsync the folder after the rename",
+}
+
+TRUNCATE_AT = 64
+TEN_YEARS_S = 10 * 365 * 24 * 3600.0
+
+_applied: set[str] = set()
+
+
+def apply(name: str) -> None:
+    """Install mutant ``name`` in this process (once; a second call does nothing).
+
+    Raises:
+        ValueError: ``name`` is not in :data:`MUTANTS`.
+    """
+    if name not in MUTANTS:
+        raise ValueError(
+            f"mutant {name!r} is not known; known mutants: {', '.join(sorted(MUTANTS))}"
+        )
+    if name in _applied:
+        return
+    _PATCHES[name]()
+    _applied.add(name)
+
+
+def applied() -> frozenset[str]:
+    """The mutants installed in this process."""
+    return frozenset(_applied)
+
+
+# --- the patches ------------------------------------------------------------------
+
+
+def _replace_sql(name: str, old: str, new: str) -> None:
+    from ..core import db
+
+    text = db._QUERIES[name]
+    if old not in text:
+        raise RuntimeError(f"mutant cannot find {old!r} in query {name!r}; update it")
+    db._QUERIES[name] = text.replace(old, new)
+
+
+def _claim_ignores_live_lease() -> None:
+    # BUG: the expiry condition is gone, so a live lease is no obstacle.
+    for query in ("next_claimable", "claim"):
+        _replace_sql(query, "ifnull(lease_until, 0) <= :now", "1 = 1")
+
+
+def _finalize_without_fence() -> None:
+    from ..core import jobs, ledger
+
+    real = ledger.ensure_fence
+
+    def ensure_fence(tx: Any, job_id: str, token: int, what: str,
+                     now: float | None = None) -> str:
+        if "FINALIZE" in what:  # BUG: FINALIZE trusts its token blindly
+            return str(jobs.row(tx, "get_job", {"job_id": job_id})["state"])
+        return real(tx, job_id, token, what, now)
+
+    ledger.ensure_fence = ensure_fence
+
+
+def _op_done_before_effect() -> None:
+    from ..core import ledger
+
+    real = ledger.run_effect
+
+    @functools.wraps(real)
+    def run_effect(cx: Any, *, effect_fn: Callable[[], Any], locked: bool = False,
+                   **kw: Any) -> dict[str, Any]:
+        if not locked:
+            return real(cx, effect_fn=effect_fn, **kw)
+        # BUG: the record (and the state change) commits first, the effect after.
+        real(cx, effect_fn=lambda: {"promised": True}, **kw)
+        return dict(effect_fn())
+
+    ledger.run_effect = run_effect
+    _rebind("run_effect", run_effect)
+
+
+def _stale_lease_cleared_unclaimable() -> None:
+    # BUG: a job whose holder died can never be claimed again.
+    _replace_sql("clear_lease", "SET lease_owner = NULL,", "SET claimable = 0, lease_owner = NULL,")
+
+
+def _results_truncated() -> None:
+    from ..core import ledger
+
+    real = ledger._encode
+
+    def encode(result: Any, opkey: str, limit: int) -> bytes:
+        return real(result, opkey, limit)[:TRUNCATE_AT]  # BUG: silently cut
+
+    ledger._encode = encode
+
+
+def _shared_part_file() -> None:
+    from ..pipeline import worker
+
+    # BUG: one part file per job, shared by every token, opened without O_EXCL.
+    worker.part_name = lambda job_id, token: f"{job_id}.0.part"
+    worker.os = _OsWithoutExcl()  # type: ignore[assignment]
+
+
+class _OsWithoutExcl:
+    """The ``os`` module, except that ``open`` drops ``O_EXCL``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        return os.open(path, flags & ~os.O_EXCL, mode, **kw)
+
+
+def _ttl0_no_expiry() -> None:
+    from ..core import jobs, ledger
+
+    real = jobs.check_ttl
+
+    def check_ttl(ttl_s: float | None, what: str = "ttl_s") -> float:
+        ttl = real(ttl_s, what)
+        return TEN_YEARS_S if ttl == 0 else ttl  # BUG: 0 means "never expires"
+
+    jobs.check_ttl = ledger.check_ttl = check_ttl
+
+
+def _renew_without_token() -> None:
+    # BUG: any renew by the owner name succeeds, expired or reclaimed.
+    _replace_sql("renew", "AND lease_until > :now\n      AND (:token IS NULL OR lease_token = :token)",
+                 "")
+
+
+def _progress_before_write() -> None:
+    from ..pipeline import worker
+
+    real_write = worker._Body.write
+
+    def write(body: Any, data: bytes) -> None:
+        owner = getattr(body, "mutant_owner", None)
+        if owner is not None:  # BUG: the receipt is recorded, then the bytes written
+            owner._checkpoint(_Ahead(body, len(data)), owner.mutant_validator)
+        real_write(body, data)
+
+    real_fetch = worker.Worker._fetch
+
+    def fetch(self: Any, body: Any, validator: str | None, head: Any) -> str | None:
+        body.mutant_owner, self.mutant_validator = self, validator
+        return real_fetch(self, body, validator, head)
+
+    worker._Body.write = write  # type: ignore[method-assign]
+    worker.Worker._fetch = fetch  # type: ignore[method-assign]
+    worker.Worker._checkpoint_after_write = worker.Worker._checkpoint
+    worker.Worker._checkpoint = _skip_checkpoint  # type: ignore[method-assign]
+
+
+class _Ahead:
+    """A view of a part file body that claims ``extra`` more bytes than it has."""
+
+    def __init__(self, body: Any, extra: int):
+        self.file, self.received = body.file, body.received + extra
+
+
+def _skip_checkpoint(self: Any, body: Any, validator: str | None) -> None:
+    if isinstance(body, _Ahead):
+        self._checkpoint_after_write(body, validator)
+
+
+def _token_reused() -> None:
+    # BUG: the next claim gets the same token as the last one.
+    _replace_sql("claim", "lease_token = lease_token + 1", "lease_token = max(lease_token, 1)")
+
+
+def _index_outside_transaction() -> None:
+    from ..core.db import write
+    from ..pipeline import worker
+
+    pending: list[dict[str, Any]] = []
+    real_index = worker.Worker._index
+
+    def add_later(tx: Any, **entry: Any) -> None:
+        pending.append(entry)  # BUG: not written in the INDEX record's transaction
+
+    def index(self: Any, stream: dict[str, Any]) -> dict[str, Any]:
+        result = real_index(self, stream)
+        while pending:
+            entry = pending.pop()
+            write(self.cx, lambda tx, e=entry: worker_add(tx, **e))
+        return result
+
+    worker_add = worker.add_manifest_entry
+    worker.add_manifest_entry = add_later
+    worker.Worker._index = index  # type: ignore[method-assign]
+
+
+def _no_dir_fsync() -> None:
+    from ..pipeline import worker
+
+    worker.fsync_dir = lambda folder: None  # BUG: the rename is not made durable
+
+
+def _rebind(name: str, value: Any) -> None:
+    """Point the pipeline's imported copy of a core function at the mutant."""
+    from ..pipeline import worker
+
+    setattr(worker, name, value)
+
+
+_PATCHES: dict[str, Callable[[], None]] = {
+    "claim_ignores_live_lease": _claim_ignores_live_lease,
+    "finalize_without_fence": _finalize_without_fence,
+    "op_done_before_effect": _op_done_before_effect,
+    "stale_lease_cleared_unclaimable": _stale_lease_cleared_unclaimable,
+    "results_truncated": _results_truncated,
+    "shared_part_file": _shared_part_file,
+    "ttl0_no_expiry": _ttl0_no_expiry,
+    "renew_without_token": _renew_without_token,
+    "progress_before_write": _progress_before_write,
+    "token_reused": _token_reused,
+    "index_outside_transaction": _index_outside_transaction,
+    "no_dir_fsync": _no_dir_fsync,
+}
