@@ -142,6 +142,8 @@ class WorkerPool:
         self.log_dir = Path(log_dir or Path(self.out_dir).parent / "worker-logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: list[Worker] = []
+        #: owners whose process died abnormally, in order (a slot may restart)
+        self.dead_owners: list[str] = []
         self.trace: list[tuple[int, str | None]] = []
         for i in range(workers):
             for f in (faults or {}).get(i, []):
@@ -199,13 +201,12 @@ class WorkerPool:
 
     def expire_dead_leases(self) -> int:
         """End the leases of every dead worker now (their processes were reaped)."""
-        dead = [w for w in self.workers if w.exitcode not in (None, 0)]
-        if not dead:
+        if not self.dead_owners:
             return 0
-        cx = connect(self.db_path)
+        cx = connect(self.db_path, clock=self.clock)
         try:
-            return sum(expire_owner_leases(cx, owner=w.owner, why=f"exit {w.exitcode}")
-                       for w in dead)
+            return sum(expire_owner_leases(cx, owner=owner, why="its process died")
+                       for owner in self.dead_owners)
         finally:
             close(cx)
 
@@ -336,6 +337,8 @@ class WorkerPool:
             return
         w.process.join()
         w.exitcode = w.process.exitcode
+        if w.exitcode not in (0, None) and w.owner not in self.dead_owners:
+            self.dead_owners.append(w.owner)
         if w.conn is not None and w.exitcode == 0 and not w.stats:
             try:
                 while w.conn.poll():

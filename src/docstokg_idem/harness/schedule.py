@@ -160,7 +160,7 @@ def _recover(pool: WorkerPool, world: World, db_path: Path, out: Path,
     """Recovery runs as the system would: in a process of its own, mutant included."""
     import multiprocess as mp
 
-    dead = [w.owner for w in pool if w.exitcode not in (None, 0)]
+    dead = list(pool.dead_owners)
     config = WorkerConfig(out_dir=str(out), db_path=str(db_path), owner="recovery",
                           lease_ttl_s=world.lease_ttl_s, **dict(world.worker_config))
     proc = mp.get_context("fork").Process(
