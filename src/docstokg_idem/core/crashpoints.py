@@ -82,8 +82,13 @@ class Fault:
         return cls(**dict(spec))
 
     def to_mapping(self) -> dict[str, Any]:
-        return {"point": self.point, "action": self.action, "hit": self.hit,
-                "worker": self.worker, "arg": self.arg}
+        return {
+            "point": self.point,
+            "action": self.action,
+            "hit": self.hit,
+            "worker": self.worker,
+            "arg": self.arg,
+        }
 
 
 @dataclass
@@ -114,10 +119,14 @@ def ensure_declared(name: str) -> None:
         )
 
 
-def arm(faults: Iterable[Fault | Mapping[str, Any]], *, worker: str | None = None) -> None:
+def arm(
+    faults: Iterable[Fault | Mapping[str, Any]], *, worker: str | None = None
+) -> None:
     """Arm this process with ``faults`` (replacing earlier ones); reset hit counts."""
     global _armed
-    _state.faults = [f if isinstance(f, Fault) else Fault.from_mapping(f) for f in faults]
+    _state.faults = [
+        f if isinstance(f, Fault) else Fault.from_mapping(f) for f in faults
+    ]
     _state.hits = {}
     if worker is not None:
         _state.worker = worker

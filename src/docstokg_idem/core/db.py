@@ -159,12 +159,16 @@ def connect(
     return cx
 
 
-def _configure(cx: Connection, *, memory: bool, synchronous: str, busy_timeout_s: float) -> None:
+def _configure(
+    cx: Connection, *, memory: bool, synchronous: str, busy_timeout_s: float
+) -> None:
     cx.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     if not memory:
         mode = cx.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"could not switch to WAL (journal_mode={mode})")
+            raise sqlite3.OperationalError(
+                f"could not switch to WAL (journal_mode={mode})"
+            )
     cx.execute(f"PRAGMA synchronous = {synchronous}")
     cx.execute("PRAGMA foreign_keys = ON")
     # Uncommitted pages stay in memory until COMMIT, so a forked child that
@@ -239,7 +243,9 @@ def is_busy(exc: BaseException) -> bool:
 
 
 @contextmanager
-def transaction(cx: sqlite3.Connection, *, immediate: bool = True) -> Iterator[Connection]:
+def transaction(
+    cx: sqlite3.Connection, *, immediate: bool = True
+) -> Iterator[Connection]:
     """Run the block in one transaction: commit on success, roll back on error.
 
     ``immediate`` takes the write lock at ``BEGIN`` (every read-then-write path).
@@ -280,7 +286,9 @@ def transaction(cx: sqlite3.Connection, *, immediate: bool = True) -> Iterator[C
             fcntl.flock(own.lock_fd, fcntl.LOCK_UN)
 
 
-def write(cx: sqlite3.Connection, fn: Callable[[Connection], T], *, deadline_s: float = 60.0) -> T:
+def write(
+    cx: sqlite3.Connection, fn: Callable[[Connection], T], *, deadline_s: float = 60.0
+) -> T:
     """Run ``fn`` in an immediate transaction, retrying the whole of it while busy.
 
     A busy error never reaches the caller before ``deadline_s`` of retrying.
@@ -298,7 +306,9 @@ def write(cx: sqlite3.Connection, fn: Callable[[Connection], T], *, deadline_s: 
         delay = min(delay * 2, 0.05)
 
 
-def row(cx: sqlite3.Connection, name: str, params: dict[str, Any] | None = None) -> sqlite3.Row | None:
+def row(
+    cx: sqlite3.Connection, name: str, params: dict[str, Any] | None = None
+) -> sqlite3.Row | None:
     """Run a named query and return its first row."""
     result: sqlite3.Row | None = cx.execute(q(name), params or {}).fetchone()
     return result
@@ -364,7 +374,7 @@ def apply_migration(cx: sqlite3.Connection) -> int:
 
     def migrate(tx: Connection) -> int:
         current = _ensure_not_newer(tx)
-        for version, name, script in MIGRATIONS:
+        for version, _name, script in MIGRATIONS:
             if version <= current:
                 continue
             for statement in _statements(script):

@@ -30,7 +30,9 @@ def final_name(job_id: str, suffix: str = ".bin") -> str:
     return f"{job_id}{suffix}"
 
 
-def sha256_file(path: str | os.PathLike[str], limit: int | None = None) -> tuple[str, int]:
+def sha256_file(
+    path: str | os.PathLike[str], limit: int | None = None
+) -> tuple[str, int]:
     """SHA-256 hex and size of a file (of its first ``limit`` bytes)."""
     digest = hashlib.sha256()
     size = 0
@@ -58,7 +60,7 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 def list_parts(folder: str | os.PathLike[str]) -> list[tuple[Path, str, int]]:
     """The part files in ``folder`` as (path, job id, token)."""
-    found = []
+    found: list[tuple[Path, str, int]] = []
     root = Path(folder)
     if not root.is_dir():
         return found

@@ -113,7 +113,9 @@ def history(
 # --- planning ---------------------------------------------------------------
 
 
-def _job_params(spec: Mapping[str, Any], now: float, max_attempts: int) -> dict[str, Any]:
+def _job_params(
+    spec: Mapping[str, Any], now: float, max_attempts: int
+) -> dict[str, Any]:
     url = spec.get("canonical_url", spec.get("url"))
     work_id, artifact_id = spec.get("work_id"), spec.get("artifact_id")
     canonical = canon_url(url) if isinstance(url, str) and url.strip() else url
@@ -238,29 +240,51 @@ class Lease(Mapping[str, Any]):
         ttl = self.ttl_s if ttl_s is None else ttl_s
         mono = self.cx.clock.monotonic()
         until = renew_lease(
-            self.cx, job_id=self.job_id, owner=self.lease_owner, ttl_s=ttl,
-            token=self.token, strict=True,
+            self.cx,
+            job_id=self.job_id,
+            owner=self.lease_owner,
+            ttl_s=ttl,
+            token=self.token,
+            strict=True,
         )
         assert isinstance(until, float)
-        return _replace(self, lease_until=until, ttl_s=check_ttl(ttl), acquired_monotonic=mono)
+        return _replace(
+            self, lease_until=until, ttl_s=check_ttl(ttl), acquired_monotonic=mono
+        )
 
     def release(self) -> None:
         """Give the job back. Raises :class:`LeaseLost` if it was no longer ours."""
         release_lease(
-            self.cx, job_id=self.job_id, owner=self.lease_owner, token=self.token,
+            self.cx,
+            job_id=self.job_id,
+            owner=self.lease_owner,
+            token=self.token,
             strict=True,
         )
 
-    def advance(self, to_state: JobState | str, allowed_from: Collection[JobState | str] | None = None) -> bool:
+    def advance(
+        self,
+        to_state: JobState | str,
+        allowed_from: Collection[JobState | str] | None = None,
+    ) -> bool:
         """Move the job forward under this lease (see :func:`advance_state`)."""
         return advance_state(
-            self.cx, job_id=self.job_id, to_state=to_state,
-            allowed_from=allowed_from, token=self.token,
+            self.cx,
+            job_id=self.job_id,
+            to_state=to_state,
+            allowed_from=allowed_from,
+            token=self.token,
         )
 
     def fail(self, reason: str, *, retryable: bool = True) -> JobState:
         """Mark the job FAILED under this lease and release it."""
-        return fail_job(self.cx, job_id=self.job_id, token=self.token, reason=reason, retryable=retryable)
+        return fail_job(
+            self.cx,
+            job_id=self.job_id,
+            token=self.token,
+            reason=reason,
+            retryable=retryable,
+        )
 
     def current_state(self) -> JobState:
         state = get_current_state(self.cx, job_id=self.job_id)
@@ -289,7 +313,9 @@ def lease_next_job(
     """
     own = ensure_own(cx)
     if not owner or not isinstance(owner, str):
-        raise ConfigError(f"owner={owner!r} must be a non-empty string naming the worker")
+        raise ConfigError(
+            f"owner={owner!r} must be a non-empty string naming the worker"
+        )
     ttl = check_ttl(ttl_s)
 
     def claim(tx: Connection) -> sqlite3.Row | None:
@@ -299,17 +325,41 @@ def lease_next_job(
             if cand is None:
                 return None
             if cand["lease_owner"] is not None:
-                history(tx, cand["job_id"], "expire", at=now, token=cand["lease_token"],
-                        owner=cand["lease_owner"], from_state=cand["state"])
+                history(
+                    tx,
+                    cand["job_id"],
+                    "expire",
+                    at=now,
+                    token=cand["lease_token"],
+                    owner=cand["lease_owner"],
+                    from_state=cand["state"],
+                )
             if cand["attempts"] >= cand["max_attempts"]:
                 _fail_exhausted(tx, cand, now)
                 continue
-            got = row(tx, "claim", {"job_id": cand["job_id"], "owner": owner,
-                                    "until": now + ttl, "ttl": ttl, "now": now})
+            got = row(
+                tx,
+                "claim",
+                {
+                    "job_id": cand["job_id"],
+                    "owner": owner,
+                    "until": now + ttl,
+                    "ttl": ttl,
+                    "now": now,
+                },
+            )
             assert got is not None
-            history(tx, got["job_id"], "claim", at=now, from_state=cand["state"],
-                    to_state=got["state"], token=got["lease_token"], owner=owner,
-                    lease_until=got["lease_until"])
+            history(
+                tx,
+                got["job_id"],
+                "claim",
+                at=now,
+                from_state=cand["state"],
+                to_state=got["state"],
+                token=got["lease_token"],
+                owner=owner,
+                lease_until=got["lease_until"],
+            )
             return got
 
     mono = own.clock.monotonic()
@@ -317,13 +367,28 @@ def lease_next_job(
     if got is None:
         return None
     crashpoint("claim.after_commit")
-    telemetry.emit("leased", job=got["job_id"], token=got["lease_token"],
-                   state=got["state"], owner=owner, attempt=got["attempts"])
+    telemetry.emit(
+        "leased",
+        job=got["job_id"],
+        token=got["lease_token"],
+        state=got["state"],
+        owner=owner,
+        attempt=got["attempts"],
+    )
     return Lease(
-        job_id=got["job_id"], work_id=got["work_id"], artifact_id=got["artifact_id"],
-        url=got["url"], expected_sha256=got["expected_sha256"], state=got["state"],
-        attempts=got["attempts"], lease_owner=owner, lease_until=float(got["lease_until"]),
-        token=got["lease_token"], ttl_s=ttl, acquired_monotonic=mono, cx=own,
+        job_id=got["job_id"],
+        work_id=got["work_id"],
+        artifact_id=got["artifact_id"],
+        url=got["url"],
+        expected_sha256=got["expected_sha256"],
+        state=got["state"],
+        attempts=got["attempts"],
+        lease_owner=owner,
+        lease_until=float(got["lease_until"]),
+        token=got["lease_token"],
+        ttl_s=ttl,
+        acquired_monotonic=mono,
+        cx=own,
     )
 
 
@@ -332,11 +397,21 @@ def _fail_exhausted(tx: Connection, cand: sqlite3.Row, now: float) -> None:
         f"attempt limit {cand['max_attempts']} reached in state {cand['state']}; "
         "the last lease expired without finishing"
     )
-    tx.execute(q("fail_exhausted"), {"job_id": cand["job_id"], "reason": reason, "now": now})
-    history(tx, cand["job_id"], "state", at=now, from_state=cand["state"],
-            to_state="FAILED", detail=reason)
-    telemetry.emit("state_changed", job=cand["job_id"], token=None,
-                   state="FAILED", reason=reason)
+    tx.execute(
+        q("fail_exhausted"), {"job_id": cand["job_id"], "reason": reason, "now": now}
+    )
+    history(
+        tx,
+        cand["job_id"],
+        "state",
+        at=now,
+        from_state=cand["state"],
+        to_state="FAILED",
+        detail=reason,
+    )
+    telemetry.emit(
+        "state_changed", job=cand["job_id"], token=None, state="FAILED", reason=reason
+    )
 
 
 def renew_lease(
@@ -362,12 +437,32 @@ def renew_lease(
 
     def renew(tx: Connection) -> float | None:
         now = _now(tx)
-        got = row(tx, "renew", {"job_id": job_id, "owner": owner, "token": token,
-                                "until": now + ttl, "ttl": ttl, "now": now})
+        got = row(
+            tx,
+            "renew",
+            {
+                "job_id": job_id,
+                "owner": owner,
+                "token": token,
+                "until": now + ttl,
+                "ttl": ttl,
+                "now": now,
+            },
+        )
         if got is None:
             return None
-        tx.execute(q("extend_ops"), {"until": now + ttl, "job_id": job_id, "token": got[0]})
-        history(tx, job_id, "renew", at=now, token=got[0], owner=owner, lease_until=now + ttl)
+        tx.execute(
+            q("extend_ops"), {"until": now + ttl, "job_id": job_id, "token": got[0]}
+        )
+        history(
+            tx,
+            job_id,
+            "renew",
+            at=now,
+            token=got[0],
+            owner=owner,
+            lease_until=now + ttl,
+        )
         return now + ttl
 
     until = write(own, renew)
@@ -391,10 +486,22 @@ def release_lease(
 
     def release(tx: Connection) -> sqlite3.Row | None:
         now = _now(tx)
-        got = row(tx, "release", {"job_id": job_id, "owner": owner, "token": token, "now": now})
+        got = row(
+            tx,
+            "release",
+            {"job_id": job_id, "owner": owner, "token": token, "now": now},
+        )
         if got is not None:
-            history(tx, job_id, "release", at=now, token=got[0], owner=owner,
-                    from_state=got[1], to_state=got[1])
+            history(
+                tx,
+                job_id,
+                "release",
+                at=now,
+                token=got[0],
+                owner=owner,
+                from_state=got[1],
+                to_state=got[1],
+            )
         return got
 
     got = write(own, release)
@@ -404,35 +511,52 @@ def release_lease(
     return True
 
 
-def _lost(cx: Connection, what: str, job_id: str, owner: str, token: int | None, strict: bool) -> bool:
+def _lost(
+    cx: Connection, what: str, job_id: str, owner: str, token: int | None, strict: bool
+) -> bool:
     current = row(cx, "get_job", {"job_id": job_id})
-    telemetry.emit("lease_lost", job=job_id, token=token, owner=owner, refused=what,
-                   holder=current["lease_owner"] if current else None,
-                   holder_token=current["lease_token"] if current else None)
+    telemetry.emit(
+        "lease_lost",
+        job=job_id,
+        token=token,
+        owner=owner,
+        refused=what,
+        holder=current["lease_owner"] if current else None,
+        holder_token=current["lease_token"] if current else None,
+    )
     if strict:
         raise LeaseLost(_lost_message(what, job_id, owner, token, current, _now(cx)))
     return False
 
 
-def _lost_message(what: str, job_id: str, owner: str | None, token: int | None,
-                  current: sqlite3.Row | None, now: float) -> str:
+def _lost_message(
+    what: str,
+    job_id: str,
+    owner: str | None,
+    token: int | None,
+    current: sqlite3.Row | None,
+    now: float,
+) -> str:
     if current is None:
         return f"{what} refused: job {job_id!r} does not exist"
     if current["lease_owner"] is None:
         where = "the job has no lease now (released or expired and cleared)"
     elif current["lease_until"] <= now:
-        where = (f"the lease expired at {current['lease_until']:.3f} "
-                 f"(now {now:.3f})")
+        where = f"the lease expired at {current['lease_until']:.3f} (now {now:.3f})"
     else:
-        where = (f"the job is leased by {current['lease_owner']!r} with token "
-                 f"{current['lease_token']}")
+        where = (
+            f"the job is leased by {current['lease_owner']!r} with token "
+            f"{current['lease_token']}"
+        )
     return (
         f"{what} refused for job {job_id!r} (owner {owner!r}, token {token}): {where}; "
         "stop working on this job and claim another"
     )
 
 
-def ensure_fence(tx: Connection, job_id: str, token: int, what: str, now: float | None = None) -> str:
+def ensure_fence(
+    tx: Connection, job_id: str, token: int, what: str, now: float | None = None
+) -> str:
     """Inside a transaction, check that ``token`` holds the job's live lease.
 
     Returns the job's state. Raises :class:`LeaseLost` otherwise.
@@ -453,16 +577,41 @@ def _claimable(state: JobState) -> int:
     return 1 if state in ACTIVE else 0
 
 
-def change_state(tx: Connection, job_id: str, src: str, dst: JobState, *, at: float,
-                 token: int | None, detail: str | None = None) -> None:
+def change_state(
+    tx: Connection,
+    job_id: str,
+    src: str,
+    dst: JobState,
+    *,
+    at: float,
+    token: int | None,
+    detail: str | None = None,
+) -> None:
     """Write one forward edge inside the caller's transaction (I5)."""
-    cur = tx.execute(q("set_state"), {"job_id": job_id, "from_state": src,
-                                      "to_state": dst.value, "claimable": _claimable(dst),
-                                      "now": at})
+    cur = tx.execute(
+        q("set_state"),
+        {
+            "job_id": job_id,
+            "from_state": src,
+            "to_state": dst.value,
+            "claimable": _claimable(dst),
+            "now": at,
+        },
+    )
     if cur.rowcount != 1:
-        raise InvalidTransition(f"job {job_id!r} left state {src} while changing to {dst}")
-    history(tx, job_id, "state", at=at, from_state=src, to_state=dst.value,
-            token=token, detail=detail)
+        raise InvalidTransition(
+            f"job {job_id!r} left state {src} while changing to {dst}"
+        )
+    history(
+        tx,
+        job_id,
+        "state",
+        at=at,
+        from_state=src,
+        to_state=dst.value,
+        token=token,
+        detail=detail,
+    )
 
 
 def advance_state(
@@ -499,9 +648,14 @@ def advance_state(
             actual = current["state"]
         if actual == dst.value:
             return None
-        if (allowed is not None and JobState(actual) not in allowed) or not is_allowed(actual, dst):
-            sources = allowed if allowed is not None else {
-                s for s in JobState if is_allowed(s, dst)}
+        if (allowed is not None and JobState(actual) not in allowed) or not is_allowed(
+            actual, dst
+        ):
+            sources = (
+                allowed
+                if allowed is not None
+                else {s for s in JobState if is_allowed(s, dst)}
+            )
             names = sorted(s.value for s in sources)
             raise InvalidTransition(
                 f"job {job_id!r} cannot move to {dst}: it is in {actual}, and the change "
@@ -515,7 +669,9 @@ def advance_state(
     if src is None:
         return False
     crashpoint("state.after_commit")
-    telemetry.emit("state_changed", job=job_id, token=token, state=dst.value, previous=src)
+    telemetry.emit(
+        "state_changed", job=job_id, token=token, state=dst.value, previous=src
+    )
     return True
 
 
@@ -560,19 +716,42 @@ def fail_job(
         assert job is not None
         again = retryable and job["attempts"] < job["max_attempts"]
         if JobState(actual) in DONE:
-            raise InvalidTransition(f"job {job_id!r} is {actual}; a done job cannot fail")
+            raise InvalidTransition(
+                f"job {job_id!r} is {actual}; a done job cannot fail"
+            )
         delay = min(MAX_BACKOFF_S, backoff_s * 2 ** max(0, job["attempts"] - 1))
-        tx.execute(q("set_failed"), {"job_id": job_id, "claimable": int(again),
-                                     "reason": reason, "now": now,
-                                     "not_before": now + delay if again else 0})
+        tx.execute(
+            q("set_failed"),
+            {
+                "job_id": job_id,
+                "claimable": int(again),
+                "reason": reason,
+                "now": now,
+                "not_before": now + delay if again else 0,
+            },
+        )
         kind = "retryable" if again else "final"
-        history(tx, job_id, "state", at=now, from_state=actual, to_state="FAILED",
-                token=token, detail=f"{kind}: {reason}")
+        history(
+            tx,
+            job_id,
+            "state",
+            at=now,
+            from_state=actual,
+            to_state="FAILED",
+            token=token,
+            detail=f"{kind}: {reason}",
+        )
         return again
 
     again = write(own, fail)
-    telemetry.emit("state_changed", job=job_id, token=token, state="FAILED",
-                   retryable=again, reason=reason)
+    telemetry.emit(
+        "state_changed",
+        job=job_id,
+        token=token,
+        state="FAILED",
+        retryable=again,
+        reason=reason,
+    )
     return JobState.FAILED
 
 
@@ -589,14 +768,27 @@ def expire_owner_leases(cx: sqlite3.Connection, *, owner: str, why: str) -> int:
         now = _claim_now(tx)
         rows = tx.execute(q("expire_owner"), {"owner": owner, "now": now}).fetchall()
         for lease in rows:
-            history(tx, lease["job_id"], "expire", at=now, token=lease["lease_token"],
-                    owner=owner, from_state=lease["state"], detail=why)
+            history(
+                tx,
+                lease["job_id"],
+                "expire",
+                at=now,
+                token=lease["lease_token"],
+                owner=owner,
+                from_state=lease["state"],
+                detail=why,
+            )
         return rows
 
     rows = write(own, expire)
     for lease in rows:
-        telemetry.emit("recovered", job=lease["job_id"], token=lease["lease_token"],
-                       state=lease["state"], what=f"lease of dead owner ended: {why}")
+        telemetry.emit(
+            "recovered",
+            job=lease["job_id"],
+            token=lease["lease_token"],
+            state=lease["state"],
+            what=f"lease of dead owner ended: {why}",
+        )
     return len(rows)
 
 
@@ -612,8 +804,17 @@ def counts(cx: sqlite3.Connection) -> dict[str, Any]:
     leases = row(own, "lease_counts", {"now": _now(own)})
     assert leases is not None
     total = sum(states.values())
-    finished = sum(n for s, n in states.items()
-                   if s in {d.value for d in DONE} or s == "FAILED_FINAL")
-    return {"total": total, "finished": finished, "states": states,
-            "leases_live": leases["live"] or 0, "leases_expired": leases["expired"] or 0,
-            "backing_off": leases["backing_off"] or 0, "next_retry_at": leases["next_retry"]}
+    finished = sum(
+        n
+        for s, n in states.items()
+        if s in {d.value for d in DONE} or s == "FAILED_FINAL"
+    )
+    return {
+        "total": total,
+        "finished": finished,
+        "states": states,
+        "leases_live": leases["live"] or 0,
+        "leases_expired": leases["expired"] or 0,
+        "backing_off": leases["backing_off"] or 0,
+        "next_retry_at": leases["next_retry"],
+    }

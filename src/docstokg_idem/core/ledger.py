@@ -136,15 +136,29 @@ def run_effect(
     ident = {"op_key": opkey, "token": token, "owner": owner}
 
     def record(tx: Connection, result: Mapping[str, Any]) -> bytes:
-        return _record(tx, job_id, kind, ident, result, max_result_bytes, then_state,
-                       allowed_from, on_record, then_release)
+        return _record(
+            tx,
+            job_id,
+            kind,
+            ident,
+            result,
+            max_result_bytes,
+            then_state,
+            allowed_from,
+            on_record,
+            then_release,
+        )
 
     if mode == "first_wins":
         return _first_wins(own, job_id, kind, fp, ident, effect_fn, record)
     if mode == "atomic":
-        return _atomic(own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state)
+        return _atomic(
+            own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state
+        )
 
-    replay = write(own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident, start_state))
+    replay = write(
+        own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident, start_state)
+    )
     own.last_replayed = replay is not None
     if replay is not None:
         telemetry.emit("op_replayed", job=job_id, token=token, op=kind, key=opkey[:12])
@@ -176,26 +190,49 @@ def run_effect(
     return _decode(raw)
 
 
-def _completed(job_id: str, kind: str, ident: dict[str, Any],
-               then_state: JobState | str | None) -> None:
-    telemetry.emit("op_completed", job=job_id, token=ident["token"], op=kind,
-                   key=ident["op_key"][:12], state=str(then_state) if then_state else None)
+def _completed(
+    job_id: str, kind: str, ident: dict[str, Any], then_state: JobState | str | None
+) -> None:
+    telemetry.emit(
+        "op_completed",
+        job=job_id,
+        token=ident["token"],
+        op=kind,
+        key=ident["op_key"][:12],
+        state=str(then_state) if then_state else None,
+    )
     if then_state is not None:
-        telemetry.emit("state_changed", job=job_id, token=ident["token"],
-                       state=str(JobState(then_state)))
+        telemetry.emit(
+            "state_changed",
+            job=job_id,
+            token=ident["token"],
+            state=str(JobState(then_state)),
+        )
 
 
-def _replayed(cx: Connection, job_id: str, kind: str, ident: dict[str, Any],
-              raw: bytes) -> dict[str, Any]:
+def _replayed(
+    cx: Connection, job_id: str, kind: str, ident: dict[str, Any], raw: bytes
+) -> dict[str, Any]:
     cx.last_replayed = True
-    telemetry.emit("op_replayed", job=job_id, token=ident["token"], op=kind,
-                   key=ident["op_key"][:12])
+    telemetry.emit(
+        "op_replayed",
+        job=job_id,
+        token=ident["token"],
+        op=kind,
+        key=ident["op_key"][:12],
+    )
     return _decode(raw)
 
 
-def _first_wins(cx: Connection, job_id: str, kind: str, fp: str, ident: dict[str, Any],
-                effect_fn: Effect, record: Callable[[Connection, Mapping[str, Any]], bytes]
-                ) -> dict[str, Any]:
+def _first_wins(
+    cx: Connection,
+    job_id: str,
+    kind: str,
+    fp: str,
+    ident: dict[str, Any],
+    effect_fn: Effect,
+    record: Callable[[Connection, Mapping[str, Any]], bytes],
+) -> dict[str, Any]:
     """A repeatable effect: run it unless recorded, then keep the first result."""
     known = row(cx, "get_op", {"op_key": ident["op_key"]})
     if known is not None:
@@ -214,8 +251,17 @@ def _first_wins(cx: Connection, job_id: str, kind: str, fp: str, ident: dict[str
                 return bytes(op["result"]), True
         if ident["token"] is not None:
             ensure_fence(tx, job_id, ident["token"], f"record of {kind}")
-        tx.execute(q("start_op"), {**ident, "job_id": job_id, "kind": kind,
-                                   "fingerprint": fp, "now": _now(tx), "expires_at": _now(tx)})
+        tx.execute(
+            q("start_op"),
+            {
+                **ident,
+                "job_id": job_id,
+                "kind": kind,
+                "fingerprint": fp,
+                "now": _now(tx),
+                "expires_at": _now(tx),
+            },
+        )
         return record(tx, result), False
 
     raw, first = write(cx, keep_first)
@@ -226,10 +272,17 @@ def _first_wins(cx: Connection, job_id: str, kind: str, fp: str, ident: dict[str
     return _decode(raw)
 
 
-def _atomic(cx: Connection, job_id: str, kind: str, fp: str, ttl: float,
-            ident: dict[str, Any], effect_fn: Effect,
-            record: Callable[[Connection, Mapping[str, Any]], bytes],
-            start_state: JobState | str | None) -> dict[str, Any]:
+def _atomic(
+    cx: Connection,
+    job_id: str,
+    kind: str,
+    fp: str,
+    ttl: float,
+    ident: dict[str, Any],
+    effect_fn: Effect,
+    record: Callable[[Connection, Mapping[str, Any]], bytes],
+    start_state: JobState | str | None,
+) -> dict[str, Any]:
     """Start, run and record in one transaction: no window for a crash between."""
 
     def once(tx: Connection) -> tuple[bytes, bool]:
@@ -257,8 +310,15 @@ def _same_request(op: sqlite3.Row, fp: str, ident: dict[str, Any]) -> None:
         )
 
 
-def _start(tx: Connection, job_id: str, kind: str, fp: str, ttl: float,
-           ident: dict[str, Any], start_state: JobState | str | None = None) -> bytes | None:
+def _start(
+    tx: Connection,
+    job_id: str,
+    kind: str,
+    fp: str,
+    ttl: float,
+    ident: dict[str, Any],
+    start_state: JobState | str | None = None,
+) -> bytes | None:
     now = _now(tx)
     op = row(tx, "get_op", {"op_key": ident["op_key"]})
     if op is not None:
@@ -276,13 +336,23 @@ def _start(tx: Connection, job_id: str, kind: str, fp: str, ttl: float,
         state = ensure_fence(tx, job_id, ident["token"], f"start of {kind}", now)
     if start_state is not None:
         _move(tx, job_id, state, JobState(start_state), None, ident["token"], now)
-    tx.execute(q("start_op"), {**ident, "job_id": job_id, "kind": kind,
-                               "fingerprint": fp, "now": now, "expires_at": now + ttl})
+    tx.execute(
+        q("start_op"),
+        {
+            **ident,
+            "job_id": job_id,
+            "kind": kind,
+            "fingerprint": fp,
+            "now": now,
+            "expires_at": now + ttl,
+        },
+    )
     return None
 
 
-def _call(cx: Connection, fn: Effect, job_id: str, kind: str,
-          ident: dict[str, Any]) -> Mapping[str, Any]:
+def _call(
+    cx: Connection, fn: Effect, job_id: str, kind: str, ident: dict[str, Any]
+) -> Mapping[str, Any]:
     try:
         return fn()
     except Exception as exc:
@@ -290,9 +360,14 @@ def _call(cx: Connection, fn: Effect, job_id: str, kind: str,
         raise
 
 
-def _write_or_fail(cx: Connection, fn: Callable[[Connection], bytes], job_id: str,
-                   kind: str, ident: dict[str, Any],
-                   effect_errors: list[BaseException] | None = None) -> bytes:
+def _write_or_fail(
+    cx: Connection,
+    fn: Callable[[Connection], bytes],
+    job_id: str,
+    kind: str,
+    ident: dict[str, Any],
+    effect_errors: list[BaseException] | None = None,
+) -> bytes:
     """Run the record's transaction; record a failure after it rolled back.
 
     An unrecordable result, or an error of an effect run inside the
@@ -302,28 +377,47 @@ def _write_or_fail(cx: Connection, fn: Callable[[Connection], bytes], job_id: st
         return write(cx, fn)
     except Exception as exc:
         if isinstance(exc, (ResultTooLarge, TypeError)) or (
-                effect_errors and exc is effect_errors[-1]):
+            effect_errors and exc is effect_errors[-1]
+        ):
             _record_failure(cx, job_id, kind, ident, exc)
         raise
 
 
-def _record_failure(cx: Connection, job_id: str, kind: str, ident: dict[str, Any],
-                    exc: BaseException) -> None:
+def _record_failure(
+    cx: Connection, job_id: str, kind: str, ident: dict[str, Any], exc: BaseException
+) -> None:
     error = f"{type(exc).__name__}: {exc}"[:2000]
-    done = write(cx, lambda tx: tx.execute(
-        q("fail_op"), {**ident, "error": error, "now": _now(tx)}).rowcount)
+    done = write(
+        cx,
+        lambda tx: (
+            tx.execute(
+                q("fail_op"), {**ident, "error": error, "now": _now(tx)}
+            ).rowcount
+        ),
+    )
     exc.add_note(
         f"op {kind} of job {job_id} (token {ident['token']}) "
-        + ("recorded as FAILED; it runs again on the next call" if done
-           else "was taken over by another runner meanwhile")
+        + (
+            "recorded as FAILED; it runs again on the next call"
+            if done
+            else "was taken over by another runner meanwhile"
+        )
     )
     telemetry.emit("op_failed", job=job_id, token=ident["token"], op=kind, error=error)
 
 
-def _record(tx: Connection, job_id: str, kind: str, ident: dict[str, Any],
-            result: Mapping[str, Any], limit: int, then_state: JobState | str | None,
-            allowed_from: Collection[JobState | str] | None,
-            on_record: OnRecord | None, then_release: bool = False) -> bytes:
+def _record(
+    tx: Connection,
+    job_id: str,
+    kind: str,
+    ident: dict[str, Any],
+    result: Mapping[str, Any],
+    limit: int,
+    then_state: JobState | str | None,
+    allowed_from: Collection[JobState | str] | None,
+    on_record: OnRecord | None,
+    then_release: bool = False,
+) -> bytes:
     raw = _encode(result, ident["op_key"], limit)
     now = _now(tx)
     token = ident["token"]
@@ -340,18 +434,37 @@ def _record(tx: Connection, job_id: str, kind: str, ident: dict[str, Any],
     if on_record is not None:
         on_record(tx, _decode(raw))
     if then_release:
-        released = row(tx, "release", {"job_id": job_id, "owner": ident["owner"],
-                                       "token": token, "now": now})
+        released = row(
+            tx,
+            "release",
+            {"job_id": job_id, "owner": ident["owner"], "token": token, "now": now},
+        )
         if released is None:
-            raise LeaseLost(f"release with the record of {kind} refused for job {job_id!r}")
-        history(tx, job_id, "release", at=now, token=released[0], owner=ident["owner"],
-                from_state=released[1], to_state=released[1])
+            raise LeaseLost(
+                f"release with the record of {kind} refused for job {job_id!r}"
+            )
+        history(
+            tx,
+            job_id,
+            "release",
+            at=now,
+            token=released[0],
+            owner=ident["owner"],
+            from_state=released[1],
+            to_state=released[1],
+        )
     return raw
 
 
-def _move(tx: Connection, job_id: str, state: str | None, dst: JobState,
-          allowed_from: Collection[JobState | str] | None, token: int | None,
-          now: float) -> None:
+def _move(
+    tx: Connection,
+    job_id: str,
+    state: str | None,
+    dst: JobState,
+    allowed_from: Collection[JobState | str] | None,
+    token: int | None,
+    now: float,
+) -> None:
     if state is None:
         got = row(tx, "get_job", {"job_id": job_id})
         assert got is not None
@@ -359,11 +472,16 @@ def _move(tx: Connection, job_id: str, state: str | None, dst: JobState,
     if state == dst.value:
         return
     allowed = {JobState(s) for s in allowed_from} if allowed_from is not None else None
-    if (allowed is not None and JobState(state) not in allowed) or not is_allowed(state, dst):
+    if (allowed is not None and JobState(state) not in allowed) or not is_allowed(
+        state, dst
+    ):
         from .errors import InvalidTransition
 
-        sources = allowed if allowed is not None else {
-            s for s in JobState if is_allowed(s, dst)}
+        sources = (
+            allowed
+            if allowed is not None
+            else {s for s in JobState if is_allowed(s, dst)}
+        )
         raise InvalidTransition(
             f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}, "
             f"and the change is allowed only from {sorted(s.value for s in sources)} "
@@ -372,25 +490,42 @@ def _move(tx: Connection, job_id: str, state: str | None, dst: JobState,
     change_state(tx, job_id, state, dst, at=now, token=token)
 
 
-def record_progress(cx: sqlite3.Connection, *, opkey: str, token: int | None,
-                    owner: str | None, job_id: str, progress: int,
-                    meta: Mapping[str, Any] | None = None) -> None:
+def record_progress(
+    cx: sqlite3.Connection,
+    *,
+    opkey: str,
+    token: int | None,
+    owner: str | None,
+    job_id: str,
+    progress: int,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
     """Record how far an in-progress op got (bytes received), fenced by the token."""
     own = ensure_own(cx)
 
     def save(tx: Connection) -> int:
         if token is not None:
             ensure_fence(tx, job_id, token, "progress record")
-        return int(tx.execute(q("op_progress"), {
-            "op_key": opkey, "token": token, "owner": owner, "progress": progress,
-            "meta": canonical_json(dict(meta or {})).decode()}).rowcount)
+        return int(
+            tx.execute(
+                q("op_progress"),
+                {
+                    "op_key": opkey,
+                    "token": token,
+                    "owner": owner,
+                    "progress": progress,
+                    "meta": canonical_json(dict(meta or {})).decode(),
+                },
+            ).rowcount
+        )
 
     if write(own, save) != 1:
         raise LeaseLost(f"progress record refused: op {opkey!r} is no longer ours")
 
 
-def reopen_op(cx: sqlite3.Connection, *, opkey: str, job_id: str, token: int,
-              reason: str) -> bool:
+def reopen_op(
+    cx: sqlite3.Connection, *, opkey: str, job_id: str, token: int, reason: str
+) -> bool:
     """Set a succeeded op aside so that it runs again, under the live lease.
 
     For a result that points at something the world lost (a part file removed
@@ -400,29 +535,51 @@ def reopen_op(cx: sqlite3.Connection, *, opkey: str, job_id: str, token: int,
 
     def reopen(tx: Connection) -> int:
         ensure_fence(tx, job_id, token, "reopen of an op")
-        return int(tx.execute(q("reopen_op"), {"op_key": opkey, "reason": reason,
-                                               "now": _now(tx)}).rowcount)
+        return int(
+            tx.execute(
+                q("reopen_op"), {"op_key": opkey, "reason": reason, "now": _now(tx)}
+            ).rowcount
+        )
 
     done = write(own, reopen) == 1
     if done:
-        telemetry.emit("recovered", job=job_id, token=token, what="op reopened",
-                       reason=reason)
+        telemetry.emit(
+            "recovered", job=job_id, token=token, what="op reopened", reason=reason
+        )
     return done
 
 
-def add_manifest_entry(tx: Connection, *, job_id: str, final_name: str, sha256: str,
-                       size: int, token: int | None) -> None:
+def add_manifest_entry(
+    tx: Connection,
+    *,
+    job_id: str,
+    final_name: str,
+    sha256: str,
+    size: int,
+    token: int | None,
+) -> None:
     """Write the job's manifest entry inside the caller's transaction (I3)."""
-    tx.execute(q("insert_manifest"), {"job_id": job_id, "final_name": final_name,
-                                      "sha256": sha256, "size": size, "token": token,
-                                      "now": _now(tx)})
+    tx.execute(
+        q("insert_manifest"),
+        {
+            "job_id": job_id,
+            "final_name": final_name,
+            "sha256": sha256,
+            "size": size,
+            "token": token,
+            "now": _now(tx),
+        },
+    )
 
 
-def set_digest(tx: Connection, *, job_id: str, final_name: str, sha256: str,
-               size: int) -> None:
+def set_digest(
+    tx: Connection, *, job_id: str, final_name: str, sha256: str, size: int
+) -> None:
     """Record the digest and final name a job's body must publish under."""
-    tx.execute(q("set_final"), {"job_id": job_id, "final_name": final_name,
-                                "sha256": sha256, "size": size})
+    tx.execute(
+        q("set_final"),
+        {"job_id": job_id, "final_name": final_name, "sha256": sha256, "size": size},
+    )
 
 
 def manifest_entries(cx: sqlite3.Connection) -> list[dict[str, Any]]:

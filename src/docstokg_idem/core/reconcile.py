@@ -20,6 +20,7 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import telemetry
@@ -45,9 +46,15 @@ class ReconcileReport:
     strays_removed: list[str] = field(default_factory=list)
 
     def total(self) -> int:
-        return (self.leases_cleared + self.ops_abandoned + len(self.parts_removed)
-                + len(self.repaired) + len(self.adopted) + len(self.indexed)
-                + len(self.strays_removed))
+        return (
+            self.leases_cleared
+            + self.ops_abandoned
+            + len(self.parts_removed)
+            + len(self.repaired)
+            + len(self.adopted)
+            + len(self.indexed)
+            + len(self.strays_removed)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -69,14 +76,27 @@ def cleanup_stale_leases(cx: sqlite3.Connection, now: float | None = None) -> in
         at = _claim_now(tx) if now is None else now
         count = 0
         for lease in tx.execute(q("expired_leases"), {"now": at}).fetchall():
-            done = tx.execute(q("clear_lease"), {"job_id": lease["job_id"],
-                                                 "token": lease["lease_token"],
-                                                 "now": at}).rowcount
+            done = tx.execute(
+                q("clear_lease"),
+                {"job_id": lease["job_id"], "token": lease["lease_token"], "now": at},
+            ).rowcount
             if done:
-                history(tx, lease["job_id"], "expire", at=at, token=lease["lease_token"],
-                        owner=lease["lease_owner"], from_state=lease["state"])
-                telemetry.emit("recovered", job=lease["job_id"], token=lease["lease_token"],
-                               state=lease["state"], what="expired lease cleared")
+                history(
+                    tx,
+                    lease["job_id"],
+                    "expire",
+                    at=at,
+                    token=lease["lease_token"],
+                    owner=lease["lease_owner"],
+                    from_state=lease["state"],
+                )
+                telemetry.emit(
+                    "recovered",
+                    job=lease["job_id"],
+                    token=lease["lease_token"],
+                    state=lease["state"],
+                    what="expired lease cleared",
+                )
                 count += 1
         return count
 
@@ -91,12 +111,20 @@ def cleanup_stale_ops(cx: sqlite3.Connection, now: float | None = None) -> int:
         at = _claim_now(tx) if now is None else now
         count = 0
         for op in tx.execute(q("stale_ops"), {"now": at}).fetchall():
-            reason = (f"abandoned at {at:.3f}: its runner (token {op['token']}) died "
-                      "or its lease ended before the result was recorded")
-            count += tx.execute(q("abandon_op"), {"op_key": op["op_key"], "reason": reason,
-                                                  "now": at}).rowcount
-            telemetry.emit("recovered", job=op["job_id"], token=op["token"], op=op["kind"],
-                           what="abandoned op")
+            reason = (
+                f"abandoned at {at:.3f}: its runner (token {op['token']}) died "
+                "or its lease ended before the result was recorded"
+            )
+            count += tx.execute(
+                q("abandon_op"), {"op_key": op["op_key"], "reason": reason, "now": at}
+            ).rowcount
+            telemetry.emit(
+                "recovered",
+                job=op["job_id"],
+                token=op["token"],
+                op=op["kind"],
+                what="abandoned op",
+            )
         return count
 
     return write(own, abandon)
@@ -127,10 +155,17 @@ def _live_token(tx: Connection, job_id: str, now: float) -> int | None:
     return int(job["lease_token"])
 
 
-def _remove_dead_parts(cx: Connection, root: str | os.PathLike[str],
-                       report: ReconcileReport, now: float | None) -> None:
+def _remove_dead_parts(
+    cx: Connection,
+    root: str | os.PathLike[str],
+    report: ReconcileReport,
+    now: float | None,
+) -> None:
     for path, job_id, token in list_parts(root):
-        def check(tx: Connection) -> bool:
+
+        def check(
+            tx: Connection, path: Path = path, job_id: str = job_id, token: int = token
+        ) -> bool:
             at = _claim_now(tx) if now is None else now
             if _live_token(tx, job_id, at) == token:
                 return False
@@ -139,11 +174,14 @@ def _remove_dead_parts(cx: Connection, root: str | os.PathLike[str],
 
         if write(cx, check):
             report.parts_removed.append(path.name)
-            telemetry.emit("recovered", job=job_id, token=token, what="part file removed")
+            telemetry.emit(
+                "recovered", job=job_id, token=token, what="part file removed"
+            )
 
 
-def _repair_missing(cx: Connection, root: str | os.PathLike[str],
-                    report: ReconcileReport) -> None:
+def _repair_missing(
+    cx: Connection, root: str | os.PathLike[str], report: ReconcileReport
+) -> None:
     finals = list_finals(root)
     done = json.dumps([s.value for s in DONE if s in REPAIR_EDGES])
     rows = cx.execute(q("jobs_in_states"), {"states": done}).fetchall()
@@ -159,34 +197,55 @@ def _repair_missing(cx: Connection, root: str | os.PathLike[str],
                 return False
             at = _claim_now(tx)
             reason = f"repair: final file {current['final_name']!r} is missing"
-            tx.execute(q("repair_job"), {"to_state": REPAIR_EDGES[state].value,
-                                         "now": at, "job_id": job_id})
-            tx.execute(q("abandon_job_ops"), {"reason": reason, "job_id": job_id,
-                                              "kinds": REDO_KINDS, "only_open": 0})
+            tx.execute(
+                q("repair_job"),
+                {"to_state": REPAIR_EDGES[state].value, "now": at, "job_id": job_id},
+            )
+            tx.execute(
+                q("abandon_job_ops"),
+                {
+                    "reason": reason,
+                    "job_id": job_id,
+                    "kinds": REDO_KINDS,
+                    "only_open": 0,
+                },
+            )
             tx.execute(q("delete_manifest"), {"job_id": job_id})
-            history(tx, job_id, "repair", at=at, from_state=state.value,
-                    to_state=REPAIR_EDGES[state].value, detail=reason)
+            history(
+                tx,
+                job_id,
+                "repair",
+                at=at,
+                from_state=state.value,
+                to_state=REPAIR_EDGES[state].value,
+                detail=reason,
+            )
             return True
 
         if write(cx, repair):
             report.repaired.append(job["job_id"])
-            telemetry.emit("recovered", job=job["job_id"], token=None,
-                           state=REPAIR_EDGES[JobState(job["state"])].value,
-                           what="final file missing: download again")
+            telemetry.emit(
+                "recovered",
+                job=job["job_id"],
+                token=None,
+                state=REPAIR_EDGES[JobState(job["state"])].value,
+                what="final file missing: download again",
+            )
 
 
 def _exists(root: str | os.PathLike[str], name: str | None) -> bool:
     return bool(name) and os.path.exists(os.path.join(root, str(name)))
 
 
-def _adopt_or_remove_finals(cx: Connection, root: str | os.PathLike[str],
-                            report: ReconcileReport) -> None:
+def _adopt_or_remove_finals(
+    cx: Connection, root: str | os.PathLike[str], report: ReconcileReport
+) -> None:
     for job_id, path in list_finals(root).items():
         job = row(cx, "get_job", {"job_id": job_id})
         if job is not None and JobState(job["state"]) in DONE:
             continue
 
-        def settle(tx: Connection) -> str:
+        def settle(tx: Connection, job_id: str = job_id, path: Path = path) -> str:
             current = row(tx, "get_job", {"job_id": job_id})
             at = _claim_now(tx)
             if current is not None and JobState(current["state"]) in DONE:
@@ -196,8 +255,12 @@ def _adopt_or_remove_finals(cx: Connection, root: str | os.PathLike[str],
             if not path.exists():
                 return "gone"
             digest, size = sha256_file(path)
-            if (current is not None and current["sha256"] == digest
-                    and current["size"] == size and current["state"] == "STREAMING"):
+            if (
+                current is not None
+                and current["sha256"] == digest
+                and current["size"] == size
+                and current["state"] == "STREAMING"
+            ):
                 _adopt(tx, current, path.name, at)
                 return "adopted"
             path.unlink()
@@ -206,29 +269,58 @@ def _adopt_or_remove_finals(cx: Connection, root: str | os.PathLike[str],
         outcome = write(cx, settle)
         if outcome == "adopted":
             report.adopted.append(job_id)
-            telemetry.emit("recovered", job=job_id, token=None, state="INDEXED",
-                           what="complete file adopted")
+            telemetry.emit(
+                "recovered",
+                job=job_id,
+                token=None,
+                state="INDEXED",
+                what="complete file adopted",
+            )
         elif outcome == "removed":
             report.strays_removed.append(path.name)
-            telemetry.emit("recovered", job=job_id, token=None, what="stray file removed")
+            telemetry.emit(
+                "recovered", job=job_id, token=None, what="stray file removed"
+            )
 
 
 def _adopt(tx: Connection, job: sqlite3.Row, name: str, at: float) -> None:
     job_id = job["job_id"]
     detail = "adopted by reconcile: the file in place matches the recorded digest"
-    change_state(tx, job_id, "STREAMING", JobState.FINALIZED, at=at, token=None, detail=detail)
-    tx.execute(q("set_final"), {"job_id": job_id, "final_name": name,
-                                "sha256": job["sha256"], "size": job["size"]})
-    tx.execute(q("insert_manifest"), {"job_id": job_id, "final_name": name,
-                                      "sha256": job["sha256"], "size": job["size"],
-                                      "token": None, "now": at})
-    change_state(tx, job_id, "FINALIZED", JobState.INDEXED, at=at, token=None, detail=detail)
-    tx.execute(q("abandon_job_ops"), {"reason": detail, "job_id": job_id,
-                                      "kinds": None, "only_open": 1})
+    change_state(
+        tx, job_id, "STREAMING", JobState.FINALIZED, at=at, token=None, detail=detail
+    )
+    tx.execute(
+        q("set_final"),
+        {
+            "job_id": job_id,
+            "final_name": name,
+            "sha256": job["sha256"],
+            "size": job["size"],
+        },
+    )
+    tx.execute(
+        q("insert_manifest"),
+        {
+            "job_id": job_id,
+            "final_name": name,
+            "sha256": job["sha256"],
+            "size": job["size"],
+            "token": None,
+            "now": at,
+        },
+    )
+    change_state(
+        tx, job_id, "FINALIZED", JobState.INDEXED, at=at, token=None, detail=detail
+    )
+    tx.execute(
+        q("abandon_job_ops"),
+        {"reason": detail, "job_id": job_id, "kinds": None, "only_open": 1},
+    )
 
 
-def _index_finalized(cx: Connection, root: str | os.PathLike[str],
-                     report: ReconcileReport) -> None:
+def _index_finalized(
+    cx: Connection, root: str | os.PathLike[str], report: ReconcileReport
+) -> None:
     """Write the manifest entry of FINALIZED jobs whose worker died before it."""
     at = cx.clock.wall()
     for job in cx.execute(q("finalized_unindexed"), {"now": at}).fetchall():
@@ -246,18 +338,38 @@ def _index_finalized(cx: Connection, root: str | os.PathLike[str],
             if current["lease_owner"] is not None and current["lease_until"] > now:
                 return False
             detail = "indexed by reconcile: the worker died after FINALIZE"
-            tx.execute(q("insert_manifest"), {"job_id": job_id,
-                                              "final_name": current["final_name"],
-                                              "sha256": current["sha256"],
-                                              "size": current["size"], "token": None,
-                                              "now": now})
-            change_state(tx, job_id, "FINALIZED", JobState.INDEXED, at=now, token=None,
-                         detail=detail)
-            tx.execute(q("abandon_job_ops"), {"reason": detail, "job_id": job_id,
-                                              "kinds": None, "only_open": 1})
+            tx.execute(
+                q("insert_manifest"),
+                {
+                    "job_id": job_id,
+                    "final_name": current["final_name"],
+                    "sha256": current["sha256"],
+                    "size": current["size"],
+                    "token": None,
+                    "now": now,
+                },
+            )
+            change_state(
+                tx,
+                job_id,
+                "FINALIZED",
+                JobState.INDEXED,
+                at=now,
+                token=None,
+                detail=detail,
+            )
+            tx.execute(
+                q("abandon_job_ops"),
+                {"reason": detail, "job_id": job_id, "kinds": None, "only_open": 1},
+            )
             return True
 
         if write(cx, index):
             report.indexed.append(job["job_id"])
-            telemetry.emit("recovered", job=job["job_id"], token=None, state="INDEXED",
-                           what="manifest entry written for a finalized job")
+            telemetry.emit(
+                "recovered",
+                job=job["job_id"],
+                token=None,
+                state="INDEXED",
+                what="manifest entry written for a finalized job",
+            )

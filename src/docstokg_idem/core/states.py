@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     """How far a job got. Kept apart from the lease, and never moves backwards."""
 
     PLANNED = "PLANNED"  #: known, never claimed

@@ -50,7 +50,9 @@ class LoggingSink:
         if not self.log.isEnabledFor(self.level):
             return
         fields = " ".join(f"{k}={v}" for k, v in event.items() if k != "action")
-        self.log.log(self.level, "%s %s", event["action"], fields, extra={"action": event})
+        self.log.log(
+            self.level, "%s %s", event["action"], fields, extra={"action": event}
+        )
 
 
 class JsonLinesSink:
