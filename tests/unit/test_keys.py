@@ -594,3 +594,27 @@ def test_canonical_url_idempotent_on_generated_urls(url: str) -> None:
     assert once.startswith(("http://", "https://"))
     assert "#" not in once
     assert once.partition("?")[2] == url.partition("#")[0].partition("?")[2]
+
+
+_plain_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1)
+    | st.text(alphabet=st.characters(max_codepoint=127))
+)
+_plain_values = st.recursive(
+    _plain_scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet=st.characters(max_codepoint=127)), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_plain_values)
+def test_fast_path_writes_what_the_rules_write(value: object) -> None:
+    """ASCII-only values take a fast path whose bytes equal the hand encoder's."""
+    from docstokg_idem.core import keys
+
+    out: list[str] = []
+    keys._encode(value, "$", set(), out)
+    assert canonical_json(value) == "".join(out).encode("utf-8")

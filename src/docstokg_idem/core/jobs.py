@@ -17,8 +17,7 @@ from . import telemetry
 from .crashpoints import crashpoint
 from .db import Connection, ensure_own, q, row, write
 from .errors import ConfigError, InvalidTransition, LeaseLost
-from .keys import canonical_url as canon_url
-from .keys import job_key
+from .keys import job_key_and_url
 from .states import ACTIVE, DONE, JobState, is_allowed
 
 DEFAULT_MAX_ATTEMPTS = 5
@@ -118,8 +117,7 @@ def _job_params(
 ) -> dict[str, Any]:
     url = spec.get("canonical_url", spec.get("url"))
     work_id, artifact_id = spec.get("work_id"), spec.get("artifact_id")
-    canonical = canon_url(url) if isinstance(url, str) and url.strip() else url
-    key = job_key(work_id, artifact_id, canonical)
+    key, canonical = job_key_and_url(work_id, artifact_id, url)
     return {
         "job_id": key,
         "work_id": work_id,
@@ -634,6 +632,12 @@ def advance_state(
         LeaseLost: ``token`` is not the job's live lease.
     """
     own = ensure_own(cx)
+    if JobState(to_state) is JobState.FAILED:
+        raise InvalidTransition(
+            f"advance_state(job_id={job_id!r}, to_state='FAILED') is refused: a failure "
+            "needs its reason and ends the lease; call fail_job(cx, job_id=..., "
+            "token=..., reason=...) instead"
+        )
     dst = JobState(to_state)
     allowed = {JobState(s) for s in allowed_from} if allowed_from is not None else None
 

@@ -15,7 +15,9 @@ changing any rule changes keys already stored, so it needs a new ``"v"``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json as _json
 import ipaddress
 import math
 import re
@@ -87,9 +89,40 @@ def canonical_json(obj: object) -> bytes:
         CanonicalJSONError: a value or key breaks one of the rules above; the
             message gives its path from the root (``$['ctx'][0]``).
     """
+    if _plain(obj, 0):
+        # ASCII strings are NFC already, and for these types the standard
+        # encoder writes exactly what the rules above say (tested).
+        text = _json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        return text.encode("utf-8")
     out: list[str] = []
     _encode(obj, "$", set(), out)
     return "".join(out).encode("utf-8")
+
+
+_INT_LIMIT = 1 << 63
+
+
+def _plain(value: object, depth: int) -> bool:
+    """Whether ``value`` holds only ASCII strings, small ints, bools, None, nesting."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii()  # type: ignore[attr-defined, no-any-return]
+    if kind is int:
+        return -_INT_LIMIT < value < _INT_LIMIT  # type: ignore[operator]
+    if value is None or kind is bool:
+        return True
+    if depth >= 4:
+        return False
+    if kind is dict:
+        return all(
+            type(k) is str and k.isascii() and _plain(v, depth + 1)
+            for k, v in value.items()  # type: ignore[attr-defined]
+        )
+    if kind is list:
+        return all(_plain(v, depth + 1) for v in value)  # type: ignore[attr-defined]
+    return False
 
 
 def _encode(value: object, path: str, active: set[int], out: list[str]) -> None:
@@ -432,6 +465,22 @@ def job_key(
     return _sha256_hex(canonical_json(record))
 
 
+def job_key_and_url(
+    work_id: str | None, artifact_id: str | None, url: str | None
+) -> tuple[str, str]:
+    """The job key and the canonical URL it was derived from, in one pass."""
+    work = _ensure_field("job", "work_id", work_id)
+    artifact = _ensure_field("job", "artifact_id", artifact_id)
+    canonical = _canonicalize_url(_ensure_field("job", "canonical_url", url))
+    record = {
+        "v": KEY_VERSION,
+        "work_id": work,
+        "artifact_id": artifact,
+        "url": canonical,
+    }
+    return _sha256_hex(canonical_json(record)), canonical
+
+
 def op_key(kind: str, job_id: str, **context: object) -> str:
     """Return the key of one side effect of a job: 64 lowercase hex digits.
 
@@ -445,11 +494,24 @@ def op_key(kind: str, job_id: str, **context: object) -> str:
         TypeError: ``kind`` or ``job_id`` is not a str.
         CanonicalJSONError: a context value cannot be encoded.
     """
+    if not context and type(kind) is str and type(job_id) is str:
+        return _plain_op_key(kind, job_id)
     record = {
         "v": KEY_VERSION,
         "kind": _ensure_field("op", "kind", kind),
         "job_id": _ensure_field("op", "job_id", job_id),
         "ctx": context,
+    }
+    return _sha256_hex(canonical_json(record))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_op_key(kind: str, job_id: str) -> str:
+    record = {
+        "v": KEY_VERSION,
+        "kind": _ensure_field("op", "kind", kind),
+        "job_id": _ensure_field("op", "job_id", job_id),
+        "ctx": {},
     }
     return _sha256_hex(canonical_json(record))
 

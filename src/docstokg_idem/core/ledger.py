@@ -18,7 +18,13 @@ from typing import Any
 from . import telemetry
 from .crashpoints import crashpoint
 from .db import Connection, ensure_own, q, row, write
-from .errors import LeaseLost, OpInProgress, PayloadMismatch, ResultTooLarge
+from .errors import (
+    InvalidTransition,
+    LeaseLost,
+    OpInProgress,
+    PayloadMismatch,
+    ResultTooLarge,
+)
 from .jobs import _now, change_state, check_ttl, ensure_fence, history
 from .keys import canonical_json, request_fingerprint
 from .states import JobState, is_allowed
@@ -72,6 +78,11 @@ def _encode(result: Mapping[str, Any], opkey: str, limit: int) -> bytes:
 
 
 MODES = ("tracked", "atomic", "first_wins")
+
+
+def _default_fingerprint(kind: str, job_id: str) -> str:
+    """The fingerprint of an op called with no request: its kind and job."""
+    return request_fingerprint({"kind": kind, "job_id": job_id})
 
 
 def run_effect(
@@ -130,9 +141,18 @@ def run_effect(
     if mode not in MODES:
         raise ValueError(f"run_effect mode={mode!r} is not a mode; use one of {MODES}")
     ttl = check_ttl(ttl_s, "op ttl_s")
-    fp = fingerprint or request_fingerprint(
-        request if request is not None else {"kind": kind, "job_id": job_id}
-    )
+    if fingerprint is not None:
+        fp = fingerprint
+    elif request is not None:
+        fp = request_fingerprint(request)
+    else:
+        fp = _default_fingerprint(kind, job_id)
+    if then_release and (token is None or not owner):
+        raise ValueError(
+            f"run_effect(then_release=True) for op {opkey!r} needs the lease's token and "
+            f"owner (got token={token!r}, owner={owner!r}); pass both, or release the "
+            "lease yourself after the call"
+        )
     ident = {"op_key": opkey, "token": token, "owner": owner}
 
     def record(tx: Connection, result: Mapping[str, Any]) -> bytes:
@@ -149,15 +169,17 @@ def run_effect(
             then_release,
         )
 
+    then = None if then_state is None else (JobState(then_state), allowed_from)
     if mode == "first_wins":
         return _first_wins(own, job_id, kind, fp, ident, effect_fn, record)
     if mode == "atomic":
         return _atomic(
-            own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state
+            own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state, then
         )
 
     replay = write(
-        own, lambda tx: _start(tx, job_id, kind, fp, ttl, ident, start_state)
+        own,
+        lambda tx: _start(tx, job_id, kind, fp, ttl, ident, start_state, then),
     )
     own.last_replayed = replay is not None
     if replay is not None:
@@ -282,11 +304,12 @@ def _atomic(
     effect_fn: Effect,
     record: Callable[[Connection, Mapping[str, Any]], bytes],
     start_state: JobState | str | None,
+    then: tuple[JobState, Collection[JobState | str] | None] | None,
 ) -> dict[str, Any]:
     """Start, run and record in one transaction: no window for a crash between."""
 
     def once(tx: Connection) -> tuple[bytes, bool]:
-        replay = _start(tx, job_id, kind, fp, ttl, ident, start_state)
+        replay = _start(tx, job_id, kind, fp, ttl, ident, start_state, then)
         if replay is not None:
             return replay, True
         return record(tx, effect_fn()), False
@@ -318,6 +341,7 @@ def _start(
     ttl: float,
     ident: dict[str, Any],
     start_state: JobState | str | None = None,
+    then: tuple[JobState, Collection[JobState | str] | None] | None = None,
 ) -> bytes | None:
     now = _now(tx)
     op = row(tx, "get_op", {"op_key": ident["op_key"]})
@@ -325,7 +349,9 @@ def _start(
         _same_request(op, fp, ident)
         if op["status"] == "SUCCEEDED":
             return bytes(op["result"])
-        held = op["status"] == "IN_PROGRESS" and op["expires_at"] > now
+        held = op["status"] == "IN_PROGRESS" and op["expires_at"] > max(
+            now, op["started_at"]
+        )
         if held and ident["token"] is None:
             raise OpInProgress(
                 f"op {ident['op_key']!r} ({kind}) is in progress by {op['owner']!r} until "
@@ -336,6 +362,9 @@ def _start(
         state = ensure_fence(tx, job_id, ident["token"], f"start of {kind}", now)
     if start_state is not None:
         _move(tx, job_id, state, JobState(start_state), None, ident["token"], now)
+        state = JobState(start_state).value
+    if then is not None:  # refuse before the effect runs, not after (I9)
+        _ensure_edge(job_id, _current(tx, job_id, state), then[0], then[1])
     tx.execute(
         q("start_op"),
         {
@@ -456,6 +485,39 @@ def _record(
     return raw
 
 
+def _current(tx: Connection, job_id: str, state: str | None) -> str:
+    if state is not None:
+        return state
+    got = row(tx, "get_job", {"job_id": job_id})
+    assert got is not None
+    return str(got["state"])
+
+
+def _ensure_edge(
+    job_id: str,
+    state: str,
+    dst: JobState,
+    allowed_from: Collection[JobState | str] | None,
+) -> None:
+    """Raise :class:`InvalidTransition` unless ``state -> dst`` may be taken."""
+    if state == dst.value:
+        return
+    allowed = {JobState(s) for s in allowed_from} if allowed_from is not None else None
+    if (allowed is not None and JobState(state) not in allowed) or not is_allowed(
+        state, dst
+    ):
+        sources = (
+            allowed
+            if allowed is not None
+            else {s for s in JobState if is_allowed(s, dst)}
+        )
+        raise InvalidTransition(
+            f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}, "
+            f"and the change is allowed only from {sorted(s.value for s in sources)} "
+            "along a forward edge; the effect was not run"
+        )
+
+
 def _move(
     tx: Connection,
     job_id: str,
@@ -465,28 +527,10 @@ def _move(
     token: int | None,
     now: float,
 ) -> None:
-    if state is None:
-        got = row(tx, "get_job", {"job_id": job_id})
-        assert got is not None
-        state = str(got["state"])
+    state = _current(tx, job_id, state)
     if state == dst.value:
         return
-    allowed = {JobState(s) for s in allowed_from} if allowed_from is not None else None
-    if (allowed is not None and JobState(state) not in allowed) or not is_allowed(
-        state, dst
-    ):
-        from .errors import InvalidTransition
-
-        sources = (
-            allowed
-            if allowed is not None
-            else {s for s in JobState if is_allowed(s, dst)}
-        )
-        raise InvalidTransition(
-            f"job {job_id!r} cannot move to {dst} with its op record: it is in {state}, "
-            f"and the change is allowed only from {sorted(s.value for s in sources)} "
-            "along a forward edge; the op was not recorded"
-        )
+    _ensure_edge(job_id, state, dst, allowed_from)
     change_state(tx, job_id, state, dst, at=now, token=token)
 
 

@@ -36,20 +36,20 @@ WHERE job_id = :job_id;
 
 -- name: renew
 UPDATE jobs SET lease_until = :until, lease_ttl = :ttl, updated_at = :now
-WHERE job_id = :job_id AND lease_owner = :owner AND lease_until > :now
+WHERE job_id = :job_id AND lease_owner = :owner AND lease_until > max(:now, updated_at)
       AND (:token IS NULL OR lease_token = :token)
 RETURNING lease_token;
 
 -- name: release
 UPDATE jobs SET lease_owner = NULL, lease_until = NULL, updated_at = :now
-WHERE job_id = :job_id AND lease_owner = :owner AND lease_until > :now
+WHERE job_id = :job_id AND lease_owner = :owner AND lease_until > max(:now, updated_at)
       AND (:token IS NULL OR lease_token = :token)
 RETURNING lease_token, state;
 
 -- name: fence
 SELECT state FROM jobs
 WHERE job_id = :job_id AND lease_token = :token AND lease_owner IS NOT NULL
-      AND lease_until > :now;
+      AND lease_until > max(:now, updated_at);
 
 -- name: set_state
 UPDATE jobs SET state = :to_state, claimable = :claimable, updated_at = :now
@@ -111,7 +111,7 @@ WHERE op_key = :op_key AND status = 'IN_PROGRESS'
 SELECT o.op_key, o.job_id, o.kind, o.token, o.expires_at
 FROM ops AS o LEFT JOIN jobs AS j ON j.job_id = o.job_id
 WHERE o.status = 'IN_PROGRESS'
-  AND (o.expires_at <= :now
+  AND (o.expires_at <= max(:now, o.started_at)
        OR (o.token IS NOT NULL
            AND (j.job_id IS NULL OR j.lease_token != o.token
                 OR j.lease_owner IS NULL OR j.lease_until <= :now)));

@@ -31,7 +31,7 @@ CREATE INDEX jobs_ready ON jobs (ifnull(lease_until, 0)) WHERE claimable = 1;
 
 -- Every claim, renewal, release, expiry and state change, for I5 and I6.
 CREATE TABLE history (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq         INTEGER PRIMARY KEY,
     job_id      TEXT NOT NULL,
     event       TEXT NOT NULL,
     from_state  TEXT,
@@ -43,7 +43,6 @@ CREATE TABLE history (
     detail      TEXT
 );
 
-CREATE INDEX history_job ON history (job_id, seq);
 
 -- The op ledger: one row per op key; a result is recorded at most once (I4).
 CREATE TABLE ops (
@@ -63,7 +62,7 @@ CREATE TABLE ops (
     error       TEXT,
     progress    INTEGER NOT NULL DEFAULT 0,
     progress_meta TEXT
-);
+) WITHOUT ROWID;
 
 CREATE INDEX ops_job ON ops (job_id);
 CREATE INDEX ops_open ON ops (expires_at) WHERE status = 'IN_PROGRESS';
