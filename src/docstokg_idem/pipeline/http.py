@@ -84,40 +84,57 @@ class Head:
 
 
 class HostSlots:
-    """A cross-process limit of concurrent requests per host (flock slot files)."""
+    """A cross-process limit of concurrent requests per host (flock slot files).
+
+    Each host has ``per_host`` slot files in a folder of the run; a request
+    holds an exclusive lock on one of them. The files stay open for the life of
+    the client, so taking a slot costs one ``flock`` call when one is free.
+    """
 
     def __init__(self, folder: str | os.PathLike[str] | None, per_host: int):
         self.folder = Path(folder) if folder else None
         self.per_host = max(1, per_host)
+        self._fds: dict[str, list[int]] = {}
+
+    def _slots(self, host: str) -> list[int]:
+        fds = self._fds.get(host)
+        if fds is None:
+            assert self.folder is not None
+            tag = hashlib.sha256(host.encode()).hexdigest()[:16]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fds = [os.open(self.folder / f"{tag}.{i}.slot", os.O_RDWR | os.O_CREAT, 0o644)
+                   for i in range(self.per_host)]
+            self._fds[host] = fds
+        return fds
 
     @contextmanager
     def hold(self, url: str) -> Iterator[None]:
         if self.folder is None:
             yield
             return
-        host = urlsplit(url).netloc.lower()
-        tag = hashlib.sha256(host.encode()).hexdigest()[:16]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        slots = list(range(self.per_host))
-        random.shuffle(slots)
-        fds = [os.open(self.folder / f"{tag}.{i}.slot", os.O_RDWR | os.O_CREAT, 0o644)
-               for i in slots]
+        fds = self._slots(urlsplit(url).netloc.lower())
+        order = random.sample(fds, len(fds))
         held = None
+        for fd in order:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = fd
+                break
+            except BlockingIOError:
+                continue
+        if held is None:
+            held = order[0]
+            fcntl.flock(held, fcntl.LOCK_EX)
         try:
-            for fd in fds:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held = fd
-                    break
-                except BlockingIOError:
-                    continue
-            if held is None:
-                held = fds[0]
-                fcntl.flock(held, fcntl.LOCK_EX)
             yield
         finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fds in self._fds.values():
             for fd in fds:
-                os.close(fd)  # closing releases the lock
+                os.close(fd)
+        self._fds.clear()
 
 
 class Client:
@@ -153,6 +170,7 @@ class Client:
 
     def close(self) -> None:
         self.pool.clear()
+        self.slots.close()
 
     def head(self, url: str) -> Head:
         """Send a HEAD (following redirects); raise :class:`HttpError` on failure."""
