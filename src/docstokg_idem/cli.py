@@ -237,7 +237,8 @@ def _print_run(result: RunResult) -> None:
         f"finished {c.get('finished', 0)}/{c.get('total', 0)} jobs in {result.elapsed_s:.1f} s "
         f"({states}); worker crashes {result.crashes}, restarts {result.restarts}; "
         f"{result.stats.bytes_received:,} bytes received"
-        + ("; interrupted: progress kept, run again to continue" if result.interrupted else "")
+        + ("; interrupted: progress kept, run again to continue" if result.interrupted else ""),
+        soft_wrap=True,
     )
 
 

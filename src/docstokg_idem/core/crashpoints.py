@@ -31,12 +31,18 @@ WORKER_ENV = "DOCSTOKG_IDEM_WORKER"
 #: Every declared crash point, with where it sits. The one registry.
 CRASH_POINTS: dict[str, str] = {
     "claim.after_commit": "a lease was claimed and committed; no work done yet",
-    "state.after_commit": "a progress state change committed",
+    "state.after_commit": (
+        "advance_state() committed a state change (moves made with an op record "
+        "commit with it and pass op.after_record instead)"
+    ),
     "op.after_start": "an op's in-progress record committed; its effect not run",
     "op.after_effect": "an op's effect ran; its result is not recorded yet",
     "op.after_record": "an op's result record committed",
     "renew.before": "a lease renewal is about to be written",
-    "release.before": "a lease is about to be released",
+    "release.before": (
+        "release_lease() is about to release a lease (a release made with an "
+        "op record commits with it and passes op.after_record instead)"
+    ),
     "head.before_request": "the HEAD request is about to be sent",
     "head.after_response": "the HEAD response arrived; nothing recorded yet",
     "stream.after_open": "the part file of this token was created, empty",

@@ -328,27 +328,40 @@ class _Lease:
     start: float
     end: float
     seq: int
+    #: (when, valid until) of an expiry with no reason before the lease's end
+    cut: tuple[float, float] | None = None
 
 
 def _leases(events: list[dict[str, Any]]) -> list[_Lease]:
-    leases: dict[int, _Lease] = {}
+    """Every claim of one job in order; a reused token is a lease of its own (I6)."""
+    chain: list[_Lease] = []
+    latest: dict[int, _Lease] = {}
     for h in events:
         token = h["token"]
         if h["event"] == "claim":
-            leases[token] = _Lease(token, h["owner"], h["at"], h["lease_until"], h["seq"])
-        elif token in leases:
-            lease = leases[token]
+            latest[token] = _Lease(token, h["owner"], h["at"], h["lease_until"], h["seq"])
+            chain.append(latest[token])
+        elif token in latest:
+            lease = latest[token]
             if h["event"] == "renew":
                 lease.end = max(lease.end, h["lease_until"]) if h["at"] < lease.end + EPS \
                     else lease.end
             elif h["event"] in ("release", "expire"):
+                # Only the end of a dead owner's leases comes with a reason; any
+                # other expiry before the lease's end took a live lease away.
+                if h["event"] == "expire" and not h["detail"] and h["at"] < lease.end - EPS:
+                    lease.cut = (h["at"], lease.end)
                 lease.end = min(lease.end, h["at"])
-    return sorted(leases.values(), key=lambda lease: lease.seq)
+    return chain
 
 
 def _i6(leases: Mapping[str, list[_Lease]]) -> list[Violation]:
     out = []
     for job_id, chain in leases.items():
+        out += [Violation("I6", f"job {job_id[:12]}: {lease.owner}'s token {lease.token} "
+                                f"was expired at {lease.cut[0]:.3f} while valid until "
+                                f"{lease.cut[1]:.3f}", (lease.__dict__,))
+                for lease in chain if lease.cut is not None]
         for before, after in zip(chain, chain[1:]):
             if after.token <= before.token:
                 out.append(Violation("I6", f"job {job_id[:12]}: token {after.token} claimed "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -61,19 +62,21 @@ def applied() -> frozenset[str]:
 # --- the patches ------------------------------------------------------------------
 
 
-def _replace_sql(name: str, old: str, new: str) -> None:
+def _replace_sql(name: str, pattern: str, new: str) -> None:
+    """Rewrite the named query of the core in this process (a regex substitution)."""
     from ..core import db
 
-    text = db._QUERIES[name]
-    if old not in text:
-        raise RuntimeError(f"mutant cannot find {old!r} in query {name!r}; update it")
-    db._QUERIES[name] = text.replace(old, new)
+    text, count = re.subn(pattern, new, db._QUERIES[name], flags=re.S)
+    if not count:
+        raise RuntimeError(f"mutant cannot find {pattern!r} in query {name!r}: "
+                           f"{db._QUERIES[name]!r}; update the mutant")
+    db._QUERIES[name] = text
 
 
 def _claim_ignores_live_lease() -> None:
     # BUG: the expiry condition is gone, so a live lease is no obstacle.
     for query in ("next_claimable", "claim"):
-        _replace_sql(query, "ifnull(lease_until, 0) <= :now", "1 = 1")
+        _replace_sql(query, r"ifnull\(lease_until, 0\) <= :now", "1 = 1")
 
 
 def _finalize_without_fence() -> None:
@@ -110,7 +113,7 @@ def _op_done_before_effect() -> None:
 
 def _stale_lease_cleared_unclaimable() -> None:
     # BUG: a job whose holder died can never be claimed again.
-    _replace_sql("clear_lease", "SET lease_owner = NULL,", "SET claimable = 0, lease_owner = NULL,")
+    _replace_sql("clear_lease", r"SET lease_owner = NULL,", "SET claimable = 0, lease_owner = NULL,")
 
 
 def _results_truncated() -> None:
@@ -156,48 +159,34 @@ def _ttl0_no_expiry() -> None:
 
 def _renew_without_token() -> None:
     # BUG: any renew by the owner name succeeds, expired or reclaimed.
-    _replace_sql("renew", "AND lease_until > :now\n      AND (:token IS NULL OR lease_token = :token)",
-                 "")
+    _replace_sql("renew", r"WHERE .*?(?=RETURNING)", "WHERE job_id = :job_id AND lease_owner = :owner\n")
 
 
 def _progress_before_write() -> None:
+    from ..core import record_progress
     from ..pipeline import worker
 
-    real_write = worker._Body.write
+    real_write, real_fetch = worker._Body.write, worker.Worker._fetch
 
     def write(body: Any, data: bytes) -> None:
-        owner = getattr(body, "mutant_owner", None)
-        if owner is not None:  # BUG: the receipt is recorded, then the bytes written
-            owner._checkpoint(_Ahead(body, len(data)), owner.mutant_validator)
+        if getattr(body, "before_write", None):  # BUG: receipt recorded, then written
+            body.before_write(body.received + len(data))
         real_write(body, data)
 
-    real_fetch = worker.Worker._fetch
-
     def fetch(self: Any, body: Any, validator: str | None, head: Any) -> str | None:
-        body.mutant_owner, self.mutant_validator = self, validator
+        body.before_write = lambda total: record_progress(
+            self.cx, opkey=self._key("STREAM"), token=self.lease.token,
+            owner=self.config.owner, job_id=self.lease.job_id, progress=total,
+            meta={"token": self.lease.token, "etag": validator})
         return real_fetch(self, body, validator, head)
 
     worker._Body.write = write  # type: ignore[method-assign]
     worker.Worker._fetch = fetch  # type: ignore[method-assign]
-    worker.Worker._checkpoint_after_write = worker.Worker._checkpoint
-    worker.Worker._checkpoint = _skip_checkpoint  # type: ignore[method-assign]
-
-
-class _Ahead:
-    """A view of a part file body that claims ``extra`` more bytes than it has."""
-
-    def __init__(self, body: Any, extra: int):
-        self.file, self.received = body.file, body.received + extra
-
-
-def _skip_checkpoint(self: Any, body: Any, validator: str | None) -> None:
-    if isinstance(body, _Ahead):
-        self._checkpoint_after_write(body, validator)
 
 
 def _token_reused() -> None:
     # BUG: the next claim gets the same token as the last one.
-    _replace_sql("claim", "lease_token = lease_token + 1", "lease_token = max(lease_token, 1)")
+    _replace_sql("claim", r"lease_token = lease_token \+ 1", "lease_token = max(lease_token, 1)")
 
 
 def _index_outside_transaction() -> None:

@@ -205,7 +205,6 @@ class Worker:
             stream = self._stream_again(head, str(exc))
             self._finalize(stream)
         self._index(stream)
-        self.lease.release()
         self.stats.jobs_done += 1
         log.info("done job=%s token=%s state=INDEXED size=%s", lease.job_id[:12],
                  lease.token, stream["size"])
@@ -223,16 +222,21 @@ class Worker:
                   token=self.lease.token, reason=reason)
         return self._stream(head)
 
+    @property
+    def _power_safe(self) -> bool:
+        """Whether recorded progress must survive power loss (synchronous=FULL)."""
+        return self.config.durable and self.config.synchronous.upper() in ("FULL", "EXTRA")
+
     def _key(self, kind: str) -> str:
         return op_key(kind, self.lease.job_id)
 
-    def _effect(self, kind: str, fn: Any, **kw: Any) -> dict[str, Any]:
-        self._check_stop()
-        before = get_op(self.cx, opkey=self._key(kind))
+    def _effect(self, kind: str, fn: Any, *, stoppable: bool = True, **kw: Any) -> dict[str, Any]:
+        if stoppable:
+            self._check_stop()
         result = run_effect(self.cx, job_id=self.lease.job_id, kind=kind,
                             opkey=self._key(kind), effect_fn=fn, token=self.lease.token,
                             owner=self.config.owner, ttl_s=self.lease.ttl_s, **kw)
-        if before is not None and before["status"] == "SUCCEEDED":
+        if self.cx.last_replayed:
             self.stats.replays += 1
         return result
 
@@ -257,14 +261,19 @@ class Worker:
 
     def _stream(self, head: dict[str, Any]) -> dict[str, Any]:
         lease = self.lease
-        lease.advance(JobState.STREAMING, {JobState.HEAD_DONE, JobState.RESUME_OK})
         name = final_name(lease.job_id, suffix_for(head.get("content_type")))
 
         def record(tx: Connection, result: dict[str, Any]) -> None:
             set_digest(tx, job_id=lease.job_id, final_name=result["final"],
                        sha256=result["sha256"], size=result["size"])
 
-        return self._effect("STREAM", lambda: self._receive(head, name), on_record=record)
+        result = self._effect("STREAM", lambda: self._receive(head, name), on_record=record,
+                              start_state=JobState.STREAMING)
+        if self.cx.last_replayed:
+            # A replay moves no state: a retry out of FAILED that replays its
+            # recorded STREAM takes the STREAMING edge here (FINALIZE needs it).
+            self.lease.advance(JobState.STREAMING, {JobState.HEAD_DONE, JobState.RESUME_OK})
+        return result
 
     def _receive(self, head: dict[str, Any], name: str) -> dict[str, Any]:
         lease = self.lease
@@ -274,11 +283,12 @@ class Worker:
             crashpoint("stream.after_open")
             body = _Body(f)
             validator = self._adopt_recorded(body)
+            self._remove_stale_parts(part)
             resumed = body.received
             validator = self._fetch(body, validator, head)
             crashpoint("stream.before_fsync")
-            if self.config.durable:
-                os.fsync(f.fileno())
+            if self._power_safe:
+                os.fsync(f.fileno())  # else FINALIZE's fsync before the rename suffices
             crashpoint("stream.after_fsync")
         sha = body.digest.hexdigest()
         expected_size = head.get("size")
@@ -293,6 +303,14 @@ class Worker:
         return {"part": part.name, "final": name, "size": body.received, "sha256": sha,
                 "etag": validator, "resumed_from": resumed, "restarted": body.restarts > 0,
                 "content_type": head.get("content_type")}
+
+    def _remove_stale_parts(self, own: Path) -> None:
+        """Remove part files of this job's older tokens: this lease holds the job now."""
+        for other in self.out.glob(f"{self.lease.job_id}.*.part"):
+            if other != own:
+                other.unlink(missing_ok=True)
+                log.info("removed stale part job=%s token=%s file=%s",
+                         self.lease.job_id[:12], self.lease.token, other.name)
 
     def _adopt_recorded(self, body: _Body) -> str | None:
         """Copy the bytes an earlier token recorded into this token's part file.
@@ -331,6 +349,8 @@ class Worker:
         while True:
             try:
                 start = body.received
+                if start and start == head.get("size"):
+                    return validator  # every byte is here and recorded: a range would 416
                 with self.client.get(url, start=start, if_range=validator if start else None) as resp:
                     if start and resp.status == 200:
                         log.info("restart job=%s token=%s: validator changed, from byte 0",
@@ -345,6 +365,10 @@ class Worker:
                     self._copy_body(resp, body, validator)
                     return validator
             except HttpError as exc:
+                if exc.status == 416 and body.received:
+                    body.restart()  # the resource shrank: start again from byte 0
+                    self.stats.restarts_from_zero += 1
+                    continue
                 failures += 1
                 if not exc.retryable or failures > self.config.http.retries:
                     raise
@@ -359,6 +383,8 @@ class Worker:
 
     def _copy_body(self, resp: Any, body: _Body, validator: str | None) -> None:
         limit = self.config.http.max_body_bytes
+        length = resp.headers.get("Content-Length")
+        total = body.received + int(length) if length and length.isdigit() else None
         since = body.received
         while chunk := resp.read1(self.config.chunk_bytes):
             body.write(chunk)
@@ -366,14 +392,17 @@ class Worker:
             if body.received > limit:
                 raise BodyTooLarge(f"{self.lease.url}: body passed {limit} bytes")
             crashpoint("stream.after_chunk")
-            if body.received - since >= self.config.progress_every_bytes:
+            more = total is None or body.received < total
+            if more and body.received - since >= self.config.progress_every_bytes:
                 self._checkpoint(body, validator)
                 since = body.received
             self._check_stop(body, validator)
             self._maybe_renew()
 
     def _checkpoint(self, body: _Body, validator: str | None) -> None:
-        if self.config.durable:
+        # Bytes written survive a killed process without fsync; with FULL
+        # (power-loss) durability they are made durable before being recorded.
+        if self._power_safe:
             os.fsync(body.file.fileno())
         record_progress(self.cx, opkey=self._key("STREAM"), token=self.lease.token,
                         owner=self.config.owner, job_id=self.lease.job_id,
@@ -437,10 +466,13 @@ class Worker:
             add_manifest_entry(tx, job_id=lease.job_id, final_name=result["final"],
                                sha256=result["sha256"], size=result["size"], token=lease.token)
 
+        # Not stoppable: a FINALIZED job is no longer claimable, so a stop here
+        # would leave it published without its manifest entry.
         result = self._effect("INDEX", lambda: {"final": stream["final"],
                                                 "sha256": stream["sha256"],
                                                 "size": stream["size"]},
-                              then_state=JobState.INDEXED,
+                              stoppable=False, then_state=JobState.INDEXED,
+                              mode="atomic", then_release=True,
                               allowed_from={JobState.FINALIZED}, on_record=entry)
         crashpoint("index.after_record")
         return result
