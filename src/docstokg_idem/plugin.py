@@ -119,8 +119,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("idem_gate_both"):
         metafunc.fixturenames.append("_idem_gate_value")
-        metafunc.parametrize("_idem_gate_value", [True, False], ids=["gate-on", "gate-off"],
-                             indirect=True)
+        metafunc.parametrize("_idem_gate_value", [True, False], ids=["gate-on", "gate-off"])
 
 
 @pytest.hookimpl(wrapper=True)
@@ -195,10 +194,14 @@ def _feature_gate_disabled(feature_gate: FeatureGate) -> FeatureGate:
     return feature_gate
 
 
-@pytest.fixture(name="_idem_gate_value")
-def _idem_gate_value(request: pytest.FixtureRequest, feature_gate: FeatureGate) -> bool:
-    feature_gate.set(bool(request.param))
-    return bool(request.param)
+@pytest.fixture(autouse=True)
+def _idem_gate_both(request: pytest.FixtureRequest) -> None:
+    """Under ``@pytest.mark.idem_gate_both``, set the gate of this run's variant."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or "_idem_gate_value" not in callspec.params:
+        return
+    gate: FeatureGate = request.getfixturevalue("feature_gate")
+    gate.set(bool(callspec.params["_idem_gate_value"]))
 
 
 @pytest.fixture(name="fake_clock")
