@@ -71,7 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.stash[_settings] = {"profile": profile, "seed": seed, "replay": replay}
-    _register_profiles(profile)
+    _register_profiles(profile, replay=bool(replay))
 
 
 def _parse_replay(text: str) -> list[list[Any]]:
@@ -89,8 +89,8 @@ def _parse_replay(text: str) -> list[list[Any]]:
     return schedule
 
 
-def _register_profiles(active: str) -> None:
-    from hypothesis import HealthCheck, settings
+def _register_profiles(active: str, *, replay: bool = False) -> None:
+    from hypothesis import HealthCheck, Phase, settings
 
     slow = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
             HealthCheck.data_too_large]
@@ -98,6 +98,10 @@ def _register_profiles(active: str) -> None:
                               stateful_step_count=30)
     settings.register_profile("nightly", max_examples=400, deadline=None,
                               suppress_health_check=slow, stateful_step_count=100)
+    if replay:  # one example, the replayed schedule: nothing to search or shrink
+        settings.register_profile("idem-replay", parent=settings.get_profile(active),
+                                  max_examples=1, phases=[Phase.explicit, Phase.generate])
+        active = "idem-replay"
     settings.load_profile(active)
 
 
@@ -319,15 +323,24 @@ def _idem_interleave(request: pytest.FixtureRequest,
 # --- crash scenarios written as YAML ---------------------------------------------
 
 
-def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:
+def pytest_collect_file(
+    parent: pytest.Collector, file_path: Path
+) -> pytest.Collector | None:
     if file_path.suffix not in (".yaml", ".yml"):
         return None
     pattern = _option(parent.config, "idem_scenarios")
-    rel = file_path.relative_to(parent.config.rootpath) if file_path.is_relative_to(
-        parent.config.rootpath) else file_path
+    rel = (
+        file_path.relative_to(parent.config.rootpath)
+        if file_path.is_relative_to(parent.config.rootpath)
+        else file_path
+    )
     named = parent.session.isinitpath(file_path)  # given on the command line
-    if not (named or rel.match(pattern) or Path(*rel.parts[1:]).match(
-            pattern.removeprefix("**/")) or _glob_match(str(rel), pattern)):
+    if not (
+        named
+        or rel.match(pattern)
+        or Path(*rel.parts[1:]).match(pattern.removeprefix("**/"))
+        or _glob_match(str(rel), pattern)
+    ):
         return None
     from .harness.scenarios import ScenarioFile
 
@@ -337,13 +350,18 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
 def _glob_match(path: str, pattern: str) -> bool:
     import fnmatch
 
-    return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern.replace("**/", ""))
+    return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(
+        path, pattern.replace("**/", "")
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
-    reports = _ScenarioReports(config, min_coverage=_min_coverage(config),
-                               html_path=_option(config, "idem_report") or None)
+    reports = _ScenarioReports(
+        config,
+        min_coverage=_min_coverage(config),
+        html_path=_option(config, "idem_report") or None,
+    )
     config.pluginmanager.register(reports, "docstokg_idem-scenario-reports")
 
 
@@ -357,16 +375,22 @@ def _min_coverage(config: pytest.Config) -> float | None:
         value = -1.0
     if not 0.0 <= value <= 1.0:
         raise pytest.UsageError(
-            f"--idem-min-coverage={raw!r} must be a fraction from 0 to 1; 0.8 means the "
-            "scenario runs must reach 80% of the declared crash points")
+            f"--idem-min-coverage={raw!r} must be a fraction from 0 to 1; 0.8 means "
+            "the scenario runs must reach 80% of the declared crash points"
+        )
     return value
 
 
 class _ScenarioReports:
     """Gathers scenario results (also from xdist workers), reports coverage and HTML."""
 
-    def __init__(self, config: pytest.Config, *, min_coverage: float | None,
-                 html_path: str | None):
+    def __init__(
+        self,
+        config: pytest.Config,
+        *,
+        min_coverage: float | None,
+        html_path: str | None,
+    ):
         self.config = config
         self.min_coverage = min_coverage
         self.html_path = Path(html_path) if html_path else None
@@ -375,13 +399,17 @@ class _ScenarioReports:
         self.below = False
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item,
-                                  call: pytest.CallInfo[None]) -> Iterator[Any]:
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Iterator[Any]:
         report = yield
         data = getattr(item, "idem_report_data", None)
         invalid = getattr(item, "error", None) is not None
-        if data is not None and (report.when == "call" or invalid and report.when == "setup"):
-            report.idem_scenario = data()  # plain data: xdist carries it to the controller
+        if data is not None and (
+            report.when == "call" or invalid and report.when == "setup"
+        ):
+            # plain data, so that xdist carries it to the controller
+            report.idem_scenario = data()
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -392,8 +420,14 @@ class _ScenarioReports:
         outcome = report.outcome
         if hasattr(report, "wasxfail"):
             outcome = "xfailed" if report.skipped else "xpassed"
-        self.runs.append({**data, "nodeid": report.nodeid, "duration": report.duration,
-                          "outcome": "error" if data["invalid"] else outcome})
+        self.runs.append(
+            {
+                **data,
+                "nodeid": report.nodeid,
+                "duration": report.duration,
+                "outcome": "error" if data["invalid"] else outcome,
+            }
+        )
 
     def _declared(self) -> dict[str, str]:
         from .core.crashpoints import CRASH_POINTS
@@ -409,8 +443,10 @@ class _ScenarioReports:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):
             return  # an xdist worker: the controller reports
-        if self.min_coverage is not None and \
-                self._coverage()[2] < self.min_coverage - 1e-9:
+        if (
+            self.min_coverage is not None
+            and self._coverage()[2] < self.min_coverage - 1e-9
+        ):
             self.below = True
             if session.exitstatus == pytest.ExitCode.OK:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -420,26 +456,36 @@ class _ScenarioReports:
             s = self.config.stash[_settings]
             self.html_path.parent.mkdir(parents=True, exist_ok=True)
             self.html_path.write_text(
-                render_report(self.runs, self.points,
-                              header=f"profile {s['profile']}, seed {s['seed']}"),
-                encoding="utf-8")
+                render_report(
+                    self.runs,
+                    self.points,
+                    header=f"profile {s['profile']}, seed {s['seed']}",
+                ),
+                encoding="utf-8",
+            )
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if hasattr(self.config, "workerinput") or (not self.runs and
-                                                   self.min_coverage is None):
+        if hasattr(self.config, "workerinput") or (
+            not self.runs and self.min_coverage is None
+        ):
             return
         reached, missed, fraction = self._coverage()
         runs = sum(1 for r in self.runs if not r["invalid"])
         tr = terminalreporter
         tr.write_sep("-", "docstokg-idem crash scenarios")
-        tr.write_line(f"crash points exercised by {runs} scenario runs: {len(reached)}/"
-                      f"{len(reached) + len(missed)} ({fraction:.0%}): "
-                      f"{', '.join(reached) or 'none'}; never reached: "
-                      f"{', '.join(missed) or 'none'}")
+        tr.write_line(
+            f"crash points exercised by {runs} scenario runs: {len(reached)}/"
+            f"{len(reached) + len(missed)} ({fraction:.0%}): "
+            f"{', '.join(reached) or 'none'}; never reached: "
+            f"{', '.join(missed) or 'none'}"
+        )
         if self.min_coverage is not None:
             verdict = "FAILED: under" if self.below else "ok: meets"
-            tr.write_line(f"crash point coverage {fraction:.0%} {verdict} "
-                          f"--idem-min-coverage={self.min_coverage:g}",
-                          red=self.below, green=not self.below)
+            tr.write_line(
+                f"crash point coverage {fraction:.0%} {verdict} "
+                f"--idem-min-coverage={self.min_coverage:g}",
+                red=self.below,
+                green=not self.below,
+            )
         if self.html_path is not None:
             tr.write_line(f"scenario report: {self.html_path}")

@@ -4,7 +4,7 @@ Each mutant is one small, obviously wrong patch. :func:`apply` installs it in
 the current process only: the worker pool and the recovery pass call it at the
 start of each child process (``WorkerSpec.mutant``, ``World.mutant``), so the
 test process and every other test stay on the real code. The chaos tests in
-``tests/chaos/test_mutants.py`` prove that the checker catches every one of
+``tests/chaos/test_mutants.py`` prove that the harness catches every one of
 them, which is what makes a passing run of the real code mean something.
 """
 
@@ -21,12 +21,11 @@ MUTANTS: dict[str, str] = {
     "claim_ignores_live_lease": "the claim takes a job whose lease is still live",
     "finalize_without_fence": "FINALIZE renames and records without checking the token",
     "op_done_before_effect": "FINALIZE is recorded as done before its rename runs",
-    "stale_lease_cleared_unclaimable": "clearing an expired lease also sets claimable = 0",
+    "stale_lease_cleared_unclaimable": "clearing an expired lease sets claimable = 0",
     "results_truncated": "recorded op results are cut to their first 64 bytes",
-    "shared_part_file": "part files are named without the token and opened without O_EXCL",
+    "shared_part_file": "one part file per job for every token, opened without O_EXCL",
     "ttl0_no_expiry": "a TTL of 0 is read as 'no expiry' (ten years)",
     "renew_without_token": "renew ignores the token and the expiry of the lease",
-    "progress_before_write": "STREAM records a chunk's progress before writing it",
     "token_reused": "a claim keeps the job's token instead of taking a new one",
     "index_outside_transaction": "the manifest entry is written after the INDEX record",
     "no_dir_fsync": "FINALIZE does not fsync the folder after the rename",
@@ -54,12 +53,7 @@ def apply(name: str) -> None:
     _applied.add(name)
 
 
-def applied() -> frozenset[str]:
-    """The mutants installed in this process."""
-    return frozenset(_applied)
-
-
-# --- the patches ------------------------------------------------------------------
+# --- the patches ----------------------------------------------------------------------
 
 
 def _replace_sql(name: str, pattern: str, new: str) -> None:
@@ -68,8 +62,10 @@ def _replace_sql(name: str, pattern: str, new: str) -> None:
 
     text, count = re.subn(pattern, new, db._QUERIES[name], flags=re.S)
     if not count:
-        raise RuntimeError(f"mutant cannot find {pattern!r} in query {name!r}: "
-                           f"{db._QUERIES[name]!r}; update the mutant")
+        raise RuntimeError(
+            f"mutant cannot find {pattern!r} in query {name!r}: "
+            f"{db._QUERIES[name]!r}; update the mutant"
+        )
     db._QUERIES[name] = text
 
 
@@ -84,8 +80,9 @@ def _finalize_without_fence() -> None:
 
     real = ledger.ensure_fence
 
-    def ensure_fence(tx: Any, job_id: str, token: int, what: str,
-                     now: float | None = None) -> str:
+    def ensure_fence(
+        tx: Any, job_id: str, token: int, what: str, now: float | None = None
+    ) -> str:
         if "FINALIZE" in what:  # BUG: FINALIZE trusts its token blindly
             return str(jobs.row(tx, "get_job", {"job_id": job_id})["state"])
         return real(tx, job_id, token, what, now)
@@ -95,25 +92,30 @@ def _finalize_without_fence() -> None:
 
 def _op_done_before_effect() -> None:
     from ..core import ledger
+    from ..pipeline import worker
 
     real = ledger.run_effect
 
     @functools.wraps(real)
-    def run_effect(cx: Any, *, effect_fn: Callable[[], Any], locked: bool = False,
-                   **kw: Any) -> dict[str, Any]:
+    def run_effect(
+        cx: Any, *, effect_fn: Callable[[], Any], locked: bool = False, **kw: Any
+    ) -> dict[str, Any]:
         if not locked:
             return real(cx, effect_fn=effect_fn, **kw)
         # BUG: the record (and the state change) commits first, the effect after.
         real(cx, effect_fn=lambda: {"promised": True}, **kw)
         return dict(effect_fn())
 
-    ledger.run_effect = run_effect
-    _rebind("run_effect", run_effect)
+    ledger.run_effect = worker.run_effect = run_effect
 
 
 def _stale_lease_cleared_unclaimable() -> None:
     # BUG: a job whose holder died can never be claimed again.
-    _replace_sql("clear_lease", r"SET lease_owner = NULL,", "SET claimable = 0, lease_owner = NULL,")
+    _replace_sql(
+        "clear_lease",
+        r"SET lease_owner = NULL,",
+        "SET claimable = 0, lease_owner = NULL,",
+    )
 
 
 def _results_truncated() -> None:
@@ -132,7 +134,7 @@ def _shared_part_file() -> None:
 
     # BUG: one part file per job, shared by every token, opened without O_EXCL.
     worker.part_name = lambda job_id, token: f"{job_id}.0.part"
-    worker.os = _OsWithoutExcl()  # type: ignore[assignment]
+    worker.os = _OsWithoutExcl()
 
 
 class _OsWithoutExcl:
@@ -159,34 +161,18 @@ def _ttl0_no_expiry() -> None:
 
 def _renew_without_token() -> None:
     # BUG: any renew by the owner name succeeds, expired or reclaimed.
-    _replace_sql("renew", r"WHERE .*?(?=RETURNING)", "WHERE job_id = :job_id AND lease_owner = :owner\n")
-
-
-def _progress_before_write() -> None:
-    from ..core import record_progress
-    from ..pipeline import worker
-
-    real_write, real_fetch = worker._Body.write, worker.Worker._fetch
-
-    def write(body: Any, data: bytes) -> None:
-        if getattr(body, "before_write", None):  # BUG: receipt recorded, then written
-            body.before_write(body.received + len(data))
-        real_write(body, data)
-
-    def fetch(self: Any, body: Any, validator: str | None, head: Any) -> str | None:
-        body.before_write = lambda total: record_progress(
-            self.cx, opkey=self._key("STREAM"), token=self.lease.token,
-            owner=self.config.owner, job_id=self.lease.job_id, progress=total,
-            meta={"token": self.lease.token, "etag": validator})
-        return real_fetch(self, body, validator, head)
-
-    worker._Body.write = write  # type: ignore[method-assign]
-    worker.Worker._fetch = fetch  # type: ignore[method-assign]
+    _replace_sql(
+        "renew",
+        r"WHERE .*?(?=RETURNING)",
+        "WHERE job_id = :job_id AND lease_owner = :owner\n",
+    )
 
 
 def _token_reused() -> None:
     # BUG: the next claim gets the same token as the last one.
-    _replace_sql("claim", r"lease_token = lease_token \+ 1", "lease_token = max(lease_token, 1)")
+    _replace_sql(
+        "claim", r"lease_token = lease_token \+ 1", "lease_token = max(lease_token, 1)"
+    )
 
 
 def _index_outside_transaction() -> None:
@@ -208,20 +194,13 @@ def _index_outside_transaction() -> None:
 
     worker_add = worker.add_manifest_entry
     worker.add_manifest_entry = add_later
-    worker.Worker._index = index  # type: ignore[method-assign]
+    worker.Worker._index = index
 
 
 def _no_dir_fsync() -> None:
     from ..pipeline import worker
 
     worker.fsync_dir = lambda folder: None  # BUG: the rename is not made durable
-
-
-def _rebind(name: str, value: Any) -> None:
-    """Point the pipeline's imported copy of a core function at the mutant."""
-    from ..pipeline import worker
-
-    setattr(worker, name, value)
 
 
 _PATCHES: dict[str, Callable[[], None]] = {
@@ -233,7 +212,6 @@ _PATCHES: dict[str, Callable[[], None]] = {
     "shared_part_file": _shared_part_file,
     "ttl0_no_expiry": _ttl0_no_expiry,
     "renew_without_token": _renew_without_token,
-    "progress_before_write": _progress_before_write,
     "token_reused": _token_reused,
     "index_outside_transaction": _index_outside_transaction,
     "no_dir_fsync": _no_dir_fsync,

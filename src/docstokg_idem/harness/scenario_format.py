@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core.crashpoints import ACTIONS, CRASH_POINTS
+from ..core.crashpoints import CRASH_POINTS
 from ..core.states import JobState
 from ..pipeline.origin import Fault as OriginFault
 
@@ -33,30 +33,78 @@ DEFAULT_CLOCK_START = 1_700_000_000.0
 #: Worker settings for scenarios: small chunks, so that a few KB cross many points.
 DEFAULT_WORKER = {"chunk_bytes": 16 * 1024, "progress_every_bytes": 16 * 1024}
 #: HTTP settings for scenarios: the origin is local, so retries are quick.
-DEFAULT_HTTP = {"connect_timeout_s": 5.0, "read_timeout_s": 10.0, "retries": 2,
-                "backoff_s": 0.01, "backoff_max_s": 0.05, "retry_after_max_s": 1}
+DEFAULT_HTTP = {
+    "connect_timeout_s": 5.0,
+    "read_timeout_s": 10.0,
+    "retries": 2,
+    "backoff_s": 0.01,
+    "backoff_max_s": 0.05,
+    "retry_after_max_s": 1,
+}
 DEFAULT_SIZE = 40_000
 
 #: Invariants the checker can show for a tracked run (I11 needs the gate off).
-TRACKED_INVARIANTS = ("I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9", "I10", "I12")
+TRACKED_INVARIANTS = (
+    "I1",
+    "I2",
+    "I3",
+    "I4",
+    "I5",
+    "I6",
+    "I7",
+    "I8",
+    "I9",
+    "I10",
+    "I12",
+)
 #: With the gate off: nothing written (I11) and whole files (I2).
 UNTRACKED_INVARIANTS = ("I11", "I2")
 #: A core scenario recovers nothing, so its jobs may stay unfinished (no I1).
 CORE_INVARIANTS = tuple(i for i in TRACKED_INVARIANTS if i != "I1")
 
 #: Keys that only a pipeline scenario (worker processes, an origin) uses.
-PIPELINE_KEYS = ("workers", "faults", "worker", "mutant", "crash", "crashes", "disk_full",
-                 "steps", "interleavings", "recover", "seed")
+PIPELINE_KEYS = (
+    "workers",
+    "faults",
+    "worker",
+    "mutant",
+    "crash",
+    "crashes",
+    "disk_full",
+    "steps",
+    "interleavings",
+    "recover",
+    "seed",
+)
 #: Keys that need tracked jobs (the gate on).
 TRACKED_KEYS = ("crash", "crashes", "disk_full", "steps", "interleavings", "mutant")
 
 #: Core errors a ``kind: core`` call may expect to raise.
-CORE_ERRORS = ("LeaseLost", "InvalidTransition", "ConfigError", "DatabaseUnavailable",
-               "DatabaseCorrupt", "KeyFieldMissing", "InvalidURL", "PayloadMismatch",
-               "OpInProgress", "SchemaTooNew")
+CORE_ERRORS = (
+    "LeaseLost",
+    "InvalidTransition",
+    "ConfigError",
+    "DatabaseUnavailable",
+    "DatabaseCorrupt",
+    "KeyFieldMissing",
+    "InvalidURL",
+    "PayloadMismatch",
+    "OpInProgress",
+    "SchemaTooNew",
+)
 
-STEP_KINDS = ("run", "crash", "clock", "pause", "resume", "stop", "restart", "reconcile",
-              "expire_dead", "schedule")
+STEP_KINDS = (
+    "run",
+    "crash",
+    "clock",
+    "pause",
+    "resume",
+    "stop",
+    "restart",
+    "reconcile",
+    "expire_dead",
+    "schedule",
+)
 
 
 class ScenarioError(ValueError):
@@ -66,7 +114,9 @@ class ScenarioError(ValueError):
         self.problems = list(problems)
         #: the name of the test standing for the broken document
         self.scenario_name: str | None = None
-        super().__init__("\n".join(f"{where}: {message}" for where, message in self.problems))
+        super().__init__(
+            "\n".join(f"{where}: {message}" for where, message in self.problems)
+        )
 
 
 # --- the model ---------------------------------------------------------------------
@@ -108,8 +158,13 @@ class Crash:
 
     def fault(self) -> dict[str, Any]:
         """The spec a worker process is armed with."""
-        return {"point": self.point, "action": self.action, "hit": self.hit,
-                "worker": None, "arg": self.arg}
+        return {
+            "point": self.point,
+            "action": self.action,
+            "hit": self.hit,
+            "worker": None,
+            "arg": self.arg,
+        }
 
 
 @dataclass(frozen=True)
@@ -163,7 +218,10 @@ class Scenario:
         """Keyword arguments of :class:`~docstokg_idem.pipeline.worker.WorkerConfig`."""
         from ..pipeline.http import HttpConfig
 
-        config = {**DEFAULT_WORKER, **{k: v for k, v in self.worker.items() if k != "http"}}
+        config = {
+            **DEFAULT_WORKER,
+            **{k: v for k, v in self.worker.items() if k != "http"},
+        }
         if "renew_every" in config:
             config["renew_every_s"] = config.pop("renew_every")
         config["http"] = HttpConfig(**{**DEFAULT_HTTP, **self.worker.get("http", {})})
@@ -172,6 +230,7 @@ class Scenario:
     def invariants(self, gate: bool) -> tuple[str, ...]:
         """The invariants to check: the ones listed, else every one that applies."""
         wanted = self.expect.get("invariants", "all")
+        applies: tuple[str, ...]
         if not gate:
             applies = UNTRACKED_INVARIANTS
         elif self.kind == "core":
@@ -194,7 +253,9 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{self.scenario.name}[{self.param}]" if self.param else self.scenario.name
+        return (
+            f"{self.scenario.name}[{self.param}]" if self.param else self.scenario.name
+        )
 
     @property
     def xfail(self) -> str | None:
@@ -204,12 +265,15 @@ class Variant:
 
 def variants(scenario: Scenario) -> list[Variant]:
     """One variant per crash point of an expanding spec, and per gate value."""
-    fixed = [c for spec in scenario.crash_specs for c in _crashes(spec)
-             if not _expands(spec)]
+    fixed = [
+        c for spec in scenario.crash_specs for c in _crashes(spec) if not _expands(spec)
+    ]
     expanding = [spec for spec in scenario.crash_specs if _expands(spec)]
     out: list[Variant] = []
     for gate in scenario.gates:
-        gate_id = None if len(scenario.gates) == 1 else ("gate-on" if gate else "gate-off")
+        gate_id = (
+            None if len(scenario.gates) == 1 else ("gate-on" if gate else "gate-off")
+        )
         if expanding and gate:
             spec = expanding[0]
             for point in _points(spec["point"]):
@@ -238,9 +302,13 @@ def _crashes(spec: Mapping[str, Any]) -> list[Crash]:
 
 def _crash(spec: Mapping[str, Any]) -> Crash:
     worker = spec.get("worker", 0)
-    return Crash(point=spec["point"], worker=None if worker == "any" else int(worker),
-                 hit=int(spec.get("hit", 1)), action=spec.get("action", "kill"),
-                 arg=float(spec.get("arg", 0.0)))
+    return Crash(
+        point=spec["point"],
+        worker=None if worker == "any" else int(worker),
+        hit=int(spec.get("hit", 1)),
+        action=spec.get("action", "kill"),
+        arg=float(spec.get("arg", 0.0)),
+    )
 
 
 def _origin_fault(spec: Mapping[str, Any]) -> OriginFault:
@@ -260,8 +328,9 @@ def schema() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-def load_file(path: str | os.PathLike[str], *, display: str | None = None
-              ) -> list[Scenario | ScenarioError]:
+def load_file(
+    path: str | os.PathLike[str], *, display: str | None = None
+) -> list[Scenario | ScenarioError]:
     """Every document of a scenario file: a :class:`Scenario` or the error it raised.
 
     A YAML syntax error makes the whole file one error. Problems name the file
@@ -275,17 +344,31 @@ def load_file(path: str | os.PathLike[str], *, display: str | None = None
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return [ScenarioError([(f"{shown}:1:1", f"cannot read the scenario file: {exc}")])]
+        return [
+            ScenarioError([(f"{shown}:1:1", f"cannot read the scenario file: {exc}")])
+        ]
     try:
         docs = [d for d in YAML(typ="rt").load_all(text) if d is not None]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else f"{shown}:1:1"
-        why = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        why = str(exc.problem or "")
+        if exc.context and exc.context_mark:
+            start = exc.context_mark
+            why = f"{exc.context} (from {start.line + 1}:{start.column + 1}): {why}"
         return [ScenarioError([(where, f"not valid YAML: {why}")])]
     if not docs:
-        return [ScenarioError([(f"{shown}:1:1", "the file holds no scenario; write at "
-                                               "least `name:` and `jobs:`")])]
+        return [
+            ScenarioError(
+                [
+                    (
+                        f"{shown}:1:1",
+                        "the file holds no scenario; write at "
+                        "least `name:` and `jobs:`",
+                    )
+                ]
+            )
+        ]
     default = file.stem if len(docs) == 1 else None
     out: list[Scenario | ScenarioError] = []
     for index, doc in enumerate(docs):
@@ -294,26 +377,46 @@ def load_file(path: str | os.PathLike[str], *, display: str | None = None
             out.append(parse(doc, file, name, shown=shown))
         except ScenarioError as exc:
             given = doc.get("name") if isinstance(doc, dict) else None
-            valid = isinstance(given, str) and given.replace("-", "_").replace(".", "_") \
-                .isidentifier()
+            valid = (
+                isinstance(given, str)
+                and given.replace("-", "_").replace(".", "_").isidentifier()
+            )
             exc.scenario_name = given if valid else name
             out.append(exc)
-    names = [s.name for s in out if isinstance(s, Scenario)]
+    seen: set[str] = set()
     for i, s in enumerate(out):
-        if isinstance(s, Scenario) and names.count(s.name) > 1:
-            error = ScenarioError([(f"{shown}:{s.line}:1", f"scenario name {s.name!r} is used "
-                                    "twice in this file; give each document its own name")])
+        if isinstance(s, Scenario) and s.name not in seen:
+            seen.add(s.name)
+        elif isinstance(s, Scenario):
+            error = ScenarioError(
+                [
+                    (
+                        f"{shown}:{s.line}:1",
+                        f"scenario name {s.name!r} is used "
+                        "twice in this file; give each document its own name",
+                    )
+                ]
+            )
             error.scenario_name = f"{s.name}_{i + 1}"
             out[i] = error
     return out
 
 
-def parse(doc: Any, file: Path, default_name: str, *, shown: Path | None = None) -> Scenario:
+def parse(
+    doc: Any, file: Path, default_name: str, *, shown: Path | None = None
+) -> Scenario:
     """Validate one loaded document and build its :class:`Scenario`."""
     where = _Where(doc, shown or file)
     if not isinstance(doc, dict):
-        raise ScenarioError([(where.at(()), f"a scenario is a mapping of keys, got "
-                                            f"{type(doc).__name__} {_show(doc)}")])
+        raise ScenarioError(
+            [
+                (
+                    where.at(()),
+                    f"a scenario is a mapping of keys, got "
+                    f"{type(doc).__name__} {_show(doc)}",
+                )
+            ]
+        )
     problems = _schema_problems(doc, where)
     if problems:
         raise ScenarioError(problems)
@@ -351,14 +454,20 @@ class _Where:
         return f"{self.file}:{line + 1}:{col + 1}"
 
     def position(self, path: Sequence[Any], *, key: bool = False) -> tuple[int, int]:
-        node, pos = self.doc, _start(self.doc)
+        node: Any = self.doc
+        pos = _start(self.doc)
         for depth, part in enumerate(path):
             last = depth == len(path) - 1
+            lines: Any = getattr(node, "lc", None)  # ruamel's line/column record
             try:
                 if isinstance(node, dict) and part in node:
-                    pos = node.lc.key(part) if (key and last) else node.lc.value(part)
-                elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-                    pos = node.lc.item(part)
+                    pos = lines.key(part) if (key and last) else lines.value(part)
+                elif (
+                    isinstance(node, list)
+                    and isinstance(part, int)
+                    and part < len(node)
+                ):
+                    pos = lines.item(part)
                 else:
                     break
             except (AttributeError, KeyError, TypeError):
@@ -385,7 +494,9 @@ def _show(value: Any) -> str:
 def _dotted(path: Sequence[Any]) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += (
+            f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        )
     return out or "the document"
 
 
@@ -427,8 +538,11 @@ def _deepest(error: Any) -> Any:
         candidate = best_match(typed or error.context)
         if candidate is None:
             break
-        if candidate.validator in ("type", "enum", "const") and not candidate.relative_path \
-                and len(error.context) > 1:
+        if (
+            candidate.validator in ("type", "enum", "const")
+            and not candidate.relative_path
+            and len(error.context) > 1
+        ):
             return error  # no branch fits the value: say what the key accepts
         error = candidate
     return error
@@ -445,42 +559,66 @@ def _explain(error: Any, where: _Where) -> tuple[str, str]:
         key = extra[0]
         hint = difflib.get_close_matches(str(key), allowed, n=1)
         close = f" (did you mean {hint[0]!r}?)" if hint else ""
-        valid = f"valid keys: {', '.join(allowed)}" if allowed else "it takes no other keys"
-        return (where.at([*path, key], key=True),
-                f"unknown key {str(key)!r} in {name}{close}; {valid}")
+        valid = (
+            f"valid keys: {', '.join(allowed)}" if allowed else "it takes no other keys"
+        )
+        return (
+            where.at([*path, key], key=True),
+            f"unknown key {str(key)!r} in {name}{close}; {valid}",
+        )
     if kind == "enum":
         choices = ", ".join(_show(c) for c in error.validator_value)
-        return where.at(path), f"{name} is {_show(value)}, which is not one of: {choices}"
+        return where.at(
+            path
+        ), f"{name} is {_show(value)}, which is not one of: {choices}"
     if kind == "const":
-        return where.at(path), f"{name} is {_show(value)}; it must be {_show(error.validator_value)}"
+        return where.at(
+            path
+        ), f"{name} is {_show(value)}; it must be {_show(error.validator_value)}"
     if kind == "type":
         want = error.validator_value
         want = " or ".join(want) if isinstance(want, list) else want
         return where.at(path), f"{name} must be {_article(want)} (got {_show(value)})"
     if kind in ("minimum", "maximum", "exclusiveMinimum"):
         sign = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">"}[kind]
-        return where.at(path), f"{name} must be {sign} {error.validator_value} (got {_show(value)})"
+        return where.at(
+            path
+        ), f"{name} must be {sign} {error.validator_value} (got {_show(value)})"
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]
-        return where.at(path), f"{name} needs the key {missing[0]!r} (got {_show(value)})"
+        return where.at(
+            path
+        ), f"{name} needs the key {missing[0]!r} (got {_show(value)})"
     if kind in ("minProperties", "maxProperties") and path and path[0] == "steps":
-        return where.at(path), (f"a step has exactly one key naming its kind, one of "
-                                f"{', '.join(STEP_KINDS)} (got {_show(value)})")
+        return where.at(path), (
+            f"a step has exactly one key naming its kind, one of "
+            f"{', '.join(STEP_KINDS)} (got {_show(value)})"
+        )
     if kind == "pattern":
-        return where.at(path), (f"{name} is {_show(value)}, which does not match "
-                                f"{error.validator_value!r}")
+        return where.at(path), (
+            f"{name} is {_show(value)}, which does not match {error.validator_value!r}"
+        )
     if kind in ("anyOf", "oneOf"):
-        return where.at(path), f"{name} has the wrong form (got {_show(value)}); " + \
-            _forms(error.validator_value)
+        return where.at(
+            path
+        ), f"{name} has the wrong form (got {_show(value)}); " + _forms(
+            error.validator_value
+        )
     if kind in ("minItems", "maxItems", "uniqueItems", "minLength", "minProperties"):
         return where.at(path), f"{name}: {error.message}"
     return where.at(path), f"{name}: {error.message}"
 
 
 def _article(word: str) -> str:
-    return {"integer": "an integer", "object": "a mapping", "array": "a list",
-            "string": "a string", "number": "a number", "boolean": "true or false",
-            "null": "null"}.get(word, word)
+    return {
+        "integer": "an integer",
+        "object": "a mapping",
+        "array": "a list",
+        "string": "a string",
+        "number": "a number",
+        "boolean": "true or false",
+        "null": "null",
+    }.get(word, word)
 
 
 def _forms(branches: Sequence[Mapping[str, Any]]) -> str:
@@ -493,7 +631,9 @@ def _forms(branches: Sequence[Mapping[str, Any]]) -> str:
         elif "const" in sub:
             forms.append(_show(sub["const"]))
         elif sub.get("type") == "object":
-            forms.append("a mapping with keys " + ", ".join(sorted(sub.get("properties", {}))))
+            forms.append(
+                "a mapping with keys " + ", ".join(sorted(sub.get("properties", {})))
+            )
         elif "type" in sub:
             forms.append(_article(str(sub["type"])))
         elif "anyOf" in sub:
@@ -506,29 +646,48 @@ def _forms(branches: Sequence[Mapping[str, Any]]) -> str:
 
 def _build(doc: dict[str, Any], where: _Where, default_name: str) -> Scenario:
     gate = doc.get("gate", "on")
-    gates = {"on": (True,), True: (True,), "off": (False,), False: (False,),
-             "both": (True, False)}[gate]
+    gates = {
+        "on": (True,),
+        True: (True,),
+        "off": (False,),
+        False: (False,),
+        "both": (True, False),
+    }[gate]
     crash_specs = list(doc.get("crashes", []))
     if "crash" in doc:
         shorthand = doc["crash"]
-        crash_specs.insert(0, shorthand if isinstance(shorthand, dict) else
-                           {"point": shorthand})
+        crash_specs.insert(
+            0, shorthand if isinstance(shorthand, dict) else {"point": shorthand}
+        )
     scenario = Scenario(
-        name=doc.get("name", default_name), path=where.file, line=where.line(), raw=doc,
-        description=doc.get("description", "").strip(), kind=doc.get("kind", "pipeline"),
-        gates=gates, workers=doc.get("workers", 1 if doc.get("kind") == "core" else 2),
+        name=doc.get("name", default_name),
+        path=where.file,
+        line=where.line(),
+        raw=doc,
+        description=doc.get("description", "").strip(),
+        kind=doc.get("kind", "pipeline"),
+        gates=gates,
+        workers=doc.get("workers", 1 if doc.get("kind") == "core" else 2),
         lease_ttl=float(doc.get("lease_ttl", 10.0)),
         clock_start=float(doc.get("clock", {}).get("start", DEFAULT_CLOCK_START)),
-        seed=doc.get("seed"), jobs=_jobs(doc.get("jobs", {"count": 1})),
-        faults=dict(doc.get("faults", {})), worker=dict(doc.get("worker", {})),
-        mutant=doc.get("mutant"), crash_specs=crash_specs, disk_full=doc.get("disk_full"),
-        interleavings=doc.get("interleavings"), recover=doc.get("recover", True),
-        expect=dict(doc.get("expect", {})), xfail=dict(doc.get("xfail", {})),
+        seed=doc.get("seed"),
+        jobs=_jobs(doc.get("jobs", {"count": 1})),
+        faults=dict(doc.get("faults", {})),
+        worker=dict(doc.get("worker", {})),
+        mutant=doc.get("mutant"),
+        crash_specs=crash_specs,
+        disk_full=doc.get("disk_full"),
+        interleavings=doc.get("interleavings"),
+        recover=doc.get("recover", True),
+        expect=dict(doc.get("expect", {})),
+        xfail=dict(doc.get("xfail", {})),
     )
-    scenario.steps = [_step(raw, where.at(["steps", i])) for i, raw in
-                      enumerate(doc.get("steps", []))]
-    scenario.api = [(dict(call), where.at(["api", i])) for i, call in
-                    enumerate(doc.get("api", []))]
+    scenario.steps = [
+        _step(raw, where.at(["steps", i])) for i, raw in enumerate(doc.get("steps", []))
+    ]
+    scenario.api = [
+        (dict(call), where.at(["api", i])) for i, call in enumerate(doc.get("api", []))
+    ]
     return scenario
 
 
@@ -543,11 +702,16 @@ def _jobs(raw: Any) -> dict[str, int]:
 
 def _step(raw: Any, where: str) -> Step:
     if isinstance(raw, str):
-        return Step(raw, {"until": "idle", "workers": None} if raw == "run" else None, where)
-    (kind, arg), = raw.items()
+        return Step(
+            raw, {"until": "idle", "workers": None} if raw == "run" else None, where
+        )
+    ((kind, arg),) = raw.items()
     if kind == "run":
-        arg = {"until": arg, "workers": None} if isinstance(arg, str) else \
-            {"until": arg.get("until", "idle"), "workers": arg.get("workers")}
+        arg = (
+            {"until": arg, "workers": None}
+            if isinstance(arg, str)
+            else {"until": arg.get("until", "idle"), "workers": arg.get("workers")}
+        )
     elif kind in ("pause", "restart", "resume") and isinstance(arg, int):
         arg = {"worker": arg}
     return Step(kind, arg, where)
@@ -582,49 +746,77 @@ class _Rules:
         if self.s.kind == "core":
             for key in PIPELINE_KEYS:
                 if key in self.doc:
-                    self.fail([key], f"key {key!r} does not apply to kind: core (core "
-                                     "scenarios call the API in this process; they start "
-                                     "no workers); remove it or use kind: pipeline", key=True)
+                    self.fail(
+                        [key],
+                        f"key {key!r} does not apply to kind: core (core "
+                        "scenarios call the API in this process; they start "
+                        "no workers); remove it or use kind: pipeline",
+                        key=True,
+                    )
             if "gate" in self.doc and self.s.gates != (True,):
-                self.fail(["gate"], "a core scenario runs with the gate on; remove `gate`")
+                self.fail(
+                    ["gate"], "a core scenario runs with the gate on; remove `gate`"
+                )
             if not self.s.api:
                 self.fail([], "kind: core needs an `api:` list of calls")
             return
         if "api" in self.doc:
-            self.fail(["api"], "key 'api' applies only to kind: core; use `steps:` for a "
-                               "pipeline scenario", key=True)
+            self.fail(
+                ["api"],
+                "key 'api' applies only to kind: core; use `steps:` for a "
+                "pipeline scenario",
+                key=True,
+            )
         if False in self.s.gates:
             for key in TRACKED_KEYS:
                 if key in self.doc:
                     gate = self.doc.get("gate")
-                    self.fail([key], f"key {key!r} needs tracked jobs, but gate is "
-                                     f"{_show(gate)}: with the gate off the legacy "
-                                     "downloader runs, which has no crash points or "
-                                     "scheduled steps; set gate: on", key=True)
+                    self.fail(
+                        [key],
+                        f"key {key!r} needs tracked jobs, but gate is "
+                        f"{_show(gate)}: with the gate off the legacy "
+                        "downloader runs, which has no crash points or "
+                        "scheduled steps; set gate: on",
+                        key=True,
+                    )
         modes = [k for k in ("steps", "interleavings") if k in self.doc]
         if len(modes) == 2:
-            self.fail(["interleavings"], "use either `steps:` or `interleavings:` (Hypothesis "
-                                         "draws the schedules), not both", key=True)
+            self.fail(
+                ["interleavings"],
+                "use either `steps:` or `interleavings:` (Hypothesis "
+                "draws the schedules), not both",
+                key=True,
+            )
 
     def check_jobs(self) -> None:
         raw = self.doc.get("jobs")
         if isinstance(raw, dict) and len(raw.get("sizes", [])) > raw["count"]:
-            self.fail(["jobs", "sizes"], f"jobs.sizes has {len(raw['sizes'])} sizes for "
-                                         f"{raw['count']} jobs; the sizes are used in turn, "
-                                         "so give at most one per job")
+            self.fail(
+                ["jobs", "sizes"],
+                f"jobs.sizes has {len(raw['sizes'])} sizes for "
+                f"{raw['count']} jobs; the sizes are used in turn, "
+                "so give at most one per job",
+            )
         if isinstance(raw, list):
             names = [j["artifact"] for j in raw]
             for i, name in enumerate(names):
                 if names.index(name) != i:
-                    self.fail(["jobs", i, "artifact"], f"artifact {name!r} is planned twice; "
-                                                       "artifact names are unique")
+                    self.fail(
+                        ["jobs", i, "artifact"],
+                        f"artifact {name!r} is planned twice; "
+                        "artifact names are unique",
+                    )
 
     def check_faults(self) -> None:
         for name, spec in self.s.faults.items():
             if name not in self.s.jobs:
-                self.fail(["faults", name], f"faults name artifact {name!r}, which is not "
-                                            f"planned; planned artifacts: "
-                                            f"{', '.join(self.s.jobs)}", key=True)
+                self.fail(
+                    ["faults", name],
+                    f"faults name artifact {name!r}, which is not "
+                    f"planned; planned artifacts: "
+                    f"{', '.join(self.s.jobs)}",
+                    key=True,
+                )
                 continue
             try:
                 _origin_fault(spec)
@@ -640,38 +832,64 @@ class _Rules:
             if name not in CRASH_POINTS:
                 hint = difflib.get_close_matches(name, list(CRASH_POINTS), n=1)
                 close = f" (did you mean {hint[0]!r}?)" if hint else ""
-                allowed = ", ".join(sorted(CRASH_POINTS)) + (", or all" if all_ok else "")
-                self.fail(at, f"crash point {name!r} is not declared{close}; declared "
-                              f"points: {allowed}")
+                allowed = ", ".join(sorted(CRASH_POINTS)) + (
+                    ", or all" if all_ok else ""
+                )
+                self.fail(
+                    at,
+                    f"crash point {name!r} is not declared{close}; declared "
+                    f"points: {allowed}",
+                )
 
     def _worker(self, path: Sequence[Any], index: Any) -> None:
         if isinstance(index, int) and index >= self.s.workers:
-            self.fail(path, f"worker {index} does not exist: the scenario has "
-                            f"{self.s.workers} workers, numbered 0 to {self.s.workers - 1}")
+            self.fail(
+                path,
+                f"worker {index} does not exist: the scenario has "
+                f"{self.s.workers} workers, numbered 0 to {self.s.workers - 1}",
+            )
 
     def check_crashes(self) -> None:
         specs: list[tuple[list[Any], dict[str, Any]]] = []
         if "crash" in self.doc:
             raw = self.doc["crash"]
             specs.append((["crash"], raw if isinstance(raw, dict) else {"point": raw}))
-        specs += [(["crashes", i], c) for i, c in enumerate(self.doc.get("crashes", []))]
+        specs += [
+            (["crashes", i], c) for i, c in enumerate(self.doc.get("crashes", []))
+        ]
         expanding = 0
         for path, spec in specs:
-            point_path = [*path, "point"] if isinstance(self.doc_at(path), dict) else path
+            point_path = (
+                [*path, "point"] if isinstance(self.doc_at(path), dict) else path
+            )
             self._point(point_path, spec["point"])
             self._worker([*path, "worker"], spec.get("worker", 0))
             expanding += _expands(spec)
         if expanding > 1:
-            self.fail(specs[-1][0], "only one crash spec may name several points (or all); "
-                                    "each of its points becomes one test")
+            self.fail(
+                specs[-1][0],
+                "only one crash spec may name several points (or all); "
+                "each of its points becomes one test",
+            )
         if self.s.disk_full:
             self._point(["disk_full", "at"], self.s.disk_full["at"], all_ok=False)
             self._worker(["disk_full", "worker"], self.s.disk_full.get("worker", 0))
         if self.s.schedule is not None or self.s.interleavings is not None:
             for key in ("crash", "crashes", "disk_full"):
                 if key in self.doc:
-                    self.fail([key], f"key {key!r} cannot be combined with a schedule: in a "
-                                     "schedule the `kill` steps are the crashes", key=True)
+                    self.fail(
+                        [key],
+                        f"key {key!r} cannot be combined with a schedule: in a "
+                        "schedule the `kill` steps are the crashes",
+                        key=True,
+                    )
+            if "clock" in self.doc:
+                self.fail(
+                    ["clock"],
+                    "a schedule's fake clock starts at 1700000000 (run_schedule); "
+                    "remove `clock`",
+                    key=True,
+                )
 
     def doc_at(self, path: Sequence[Any]) -> Any:
         node: Any = self.doc
@@ -683,9 +901,11 @@ class _Rules:
         started: set[int] = set()
         kinds = [s.kind for s in self.s.steps]
         if "schedule" in kinds and len(kinds) > 1:
-            self.fail(["steps", kinds.index("schedule")],
-                      "a `schedule` step runs the whole scenario through run_schedule (its "
-                      "recovery included), so it must be the only step")
+            self.fail(
+                ["steps", kinds.index("schedule")],
+                "a `schedule` step runs the whole scenario through run_schedule (its "
+                "recovery included), so it must be the only step",
+            )
         for i, step in enumerate(self.s.steps):
             path: list[Any] = ["steps", i, step.kind]
             arg = step.arg
@@ -698,20 +918,27 @@ class _Rules:
             elif step.kind in ("crash", "stop"):
                 self._worker(path, arg)
             elif step.kind in ("pause", "restart", "resume"):
-                self._worker([*path, "worker"] if isinstance(self.doc_at(path), dict) else path,
-                             arg["worker"])
+                self._worker(
+                    [*path, "worker"] if isinstance(self.doc_at(path), dict) else path,
+                    arg["worker"],
+                )
                 if step.kind == "resume" and "until" in arg:
                     self._point([*path, "until"], arg["until"], all_ok=False)
                 if step.kind == "pause" and "at" in arg:
                     self._point([*path, "at"], arg["at"], all_ok=False)
                     if arg["worker"] in started:
-                        self.fail(path, f"pause at a crash point starts worker "
-                                        f"{arg['worker']}, but an earlier step already "
-                                        "started it; pause it first, or use `pause: "
-                                        f"{arg['worker']}` to stop it wherever it is")
+                        self.fail(
+                            path,
+                            f"pause at a crash point starts worker "
+                            f"{arg['worker']}, but an earlier step already "
+                            "started it; pause it first, or use `pause: "
+                            f"{arg['worker']}` to stop it wherever it is",
+                        )
                     started.add(arg["worker"])
                 for j, crash in enumerate(arg.get("crashes", [])):
-                    self._point([*path, "crashes", j, "point"], crash["point"], all_ok=False)
+                    self._point(
+                        [*path, "crashes", j, "point"], crash["point"], all_ok=False
+                    )
             elif step.kind == "schedule" and self.s.gates != (True,):
                 self.fail(path, "a schedule needs the gate on")
 
@@ -721,38 +948,63 @@ class _Rules:
             path: list[Any] = ["api", i]
             if "lease" in call and call["lease"] not in names:
                 known = ", ".join(sorted(names)) or "none yet"
-                self.fail([*path, "lease"], f"lease {call['lease']!r} is not defined by an "
-                                            f"earlier call's `as:`; defined: {known}")
+                self.fail(
+                    [*path, "lease"],
+                    f"lease {call['lease']!r} is not defined by an "
+                    f"earlier call's `as:`; defined: {known}",
+                )
             if "as" in call:
                 if call["call"] != "claim":
-                    self.fail([*path, "as"], "`as:` names the lease a `claim` call returns; "
-                                             f"this call is {call['call']!r}")
+                    self.fail(
+                        [*path, "as"],
+                        "`as:` names the lease a `claim` call returns; "
+                        f"this call is {call['call']!r}",
+                    )
                 names.add(call["as"])
             if "job" in call and call["job"] >= len(self.s.jobs):
-                self.fail([*path, "job"], f"job {call['job']} does not exist: the scenario "
-                                          f"plans {len(self.s.jobs)} jobs, numbered from 0")
+                self.fail(
+                    [*path, "job"],
+                    f"job {call['job']} does not exist: the scenario "
+                    f"plans {len(self.s.jobs)} jobs, numbered from 0",
+                )
             for key in ("to",):
                 if key in call:
                     self._state([*path, key], call[key])
             for j, state in enumerate(call.get("from", [])):
                 self._state([*path, "from", j], state)
             if "raises" in call and call["raises"] not in CORE_ERRORS:
-                self.fail([*path, "raises"], f"raises {call['raises']!r} is not a core error; "
-                                             f"use one of {', '.join(CORE_ERRORS)}")
-            needs = {"advance": "to", "connect": "database", "clock": "seconds",
-                     "expire": "owner"}
+                self.fail(
+                    [*path, "raises"],
+                    f"raises {call['raises']!r} is not a core error; "
+                    f"use one of {', '.join(CORE_ERRORS)}",
+                )
+            needs = {
+                "advance": "to",
+                "connect": "database",
+                "clock": "seconds",
+                "expire": "owner",
+            }
             if call["call"] in needs and needs[call["call"]] not in call:
-                self.fail(path, f"call {call['call']!r} needs the key "
-                                f"{needs[call['call']]!r}")
-            if call["call"] in ("renew", "release", "advance", "fail") and \
-                    "lease" not in call and "job" not in call:
-                self.fail(path, f"call {call['call']!r} needs `lease:` (a name from an "
-                                "earlier claim's `as:`) or `job:`")
+                self.fail(
+                    path, f"call {call['call']!r} needs the key {needs[call['call']]!r}"
+                )
+            if (
+                call["call"] in ("renew", "release", "advance", "fail")
+                and "lease" not in call
+                and "job" not in call
+            ):
+                self.fail(
+                    path,
+                    f"call {call['call']!r} needs `lease:` (a name from an "
+                    "earlier claim's `as:`) or `job:`",
+                )
 
     def _state(self, path: Sequence[Any], name: Any) -> None:
         valid = [s.value for s in JobState]
         if name not in valid:
-            self.fail(path, f"{name!r} is not a job state; use one of {', '.join(valid)}")
+            self.fail(
+                path, f"{name!r} is not a job state; use one of {', '.join(valid)}"
+            )
 
     def check_expect(self) -> None:
         expect = self.s.expect
@@ -762,12 +1014,18 @@ class _Rules:
             for i, name in enumerate(invariants):
                 gate_on = True in self.s.gates
                 if name == "I11" and gate_on:
-                    self.fail(["expect", "invariants", i], "I11 (gate off writes nothing) is "
-                              "checked only with gate: off (check_gate_off); drop it or set "
-                              "gate: off")
+                    self.fail(
+                        ["expect", "invariants", i],
+                        "I11 (gate off writes nothing) is "
+                        "checked only with gate: off (check_gate_off); drop it or set "
+                        "gate: off",
+                    )
                 if name == "I1" and self.s.kind == "core":
-                    self.fail(["expect", "invariants", i], "I1 (no lost jobs) needs a "
-                              "recovery, which a core scenario does not run; drop it")
+                    self.fail(
+                        ["expect", "invariants", i],
+                        "I1 (no lost jobs) needs a "
+                        "recovery, which a core scenario does not run; drop it",
+                    )
         states = expect.get("states", {})
         low_total = 0
         for name, raw in states.items():
@@ -775,32 +1033,67 @@ class _Rules:
             bound = Bound.parse(raw)
             low_total += bound.low
             if bound.low > jobs:
-                self.fail(["expect", "states", name], f"expect.states.{name} wants "
-                          f"{bound} jobs, but only {jobs} are planned")
-        if low_total > jobs and all(Bound.parse(r).low <= jobs for r in states.values()):
-            self.fail(["expect", "states"], f"expect.states wants at least {low_total} jobs "
-                                            f"in these states together, but only {jobs} are "
-                                            "planned; a job is in one state")
+                self.fail(
+                    ["expect", "states", name],
+                    f"expect.states.{name} wants "
+                    f"{bound} jobs, but only {jobs} are planned",
+                )
+        if low_total > jobs and all(
+            Bound.parse(r).low <= jobs for r in states.values()
+        ):
+            self.fail(
+                ["expect", "states"],
+                f"expect.states wants at least {low_total} jobs "
+                f"in these states together, but only {jobs} are "
+                "planned; a job is in one state",
+            )
         if states and self.s.gates == (False,):
-            self.fail(["expect", "states"], "expect.states needs job rows, which the gate "
-                                            "off never writes; use expect.files", key=True)
-        self._bound_le(["expect", "files", "count"], expect.get("files", {}).get("count"),
-                       jobs, "final files", "jobs are planned")
+            self.fail(
+                ["expect", "states"],
+                "expect.states needs job rows, which the gate "
+                "off never writes; use expect.files",
+                key=True,
+            )
+        self._bound_le(
+            ["expect", "files", "count"],
+            expect.get("files", {}).get("count"),
+            jobs,
+            "final files",
+            "jobs are planned",
+        )
         for key in ("present", "absent"):
             for i, name in enumerate(expect.get("files", {}).get(key, [])):
                 self._artifact(["expect", "files", key, i], name)
         for i, rule in enumerate(expect.get("origin", [])):
             if "artifact" in rule:
                 self._artifact(["expect", "origin", i, "artifact"], rule["artifact"])
-            if rule.get("min") is not None and rule.get("max") is not None and \
-                    rule["min"] > rule["max"]:
-                self.fail(["expect", "origin", i], f"origin rule min {rule['min']} is above "
-                                                   f"max {rule['max']}")
-        for key in ("states", "parts", "crashes", "claims_per_job", "renewals", "lease_lost"):
-            for name, raw in (expect.get(key, {}).items() if key == "states" else
-                              [(None, expect.get(key))]):
-                if isinstance(raw, dict) and raw.get("max") is not None and \
-                        raw.get("min", 0) > raw["max"]:
+            if (
+                rule.get("min") is not None
+                and rule.get("max") is not None
+                and rule["min"] > rule["max"]
+            ):
+                self.fail(
+                    ["expect", "origin", i],
+                    f"origin rule min {rule['min']} is above max {rule['max']}",
+                )
+        for key in (
+            "states",
+            "parts",
+            "crashes",
+            "claims_per_job",
+            "renewals",
+            "lease_lost",
+        ):
+            for name, raw in (
+                expect.get(key, {}).items()
+                if key == "states"
+                else [(None, expect.get(key))]
+            ):
+                if (
+                    isinstance(raw, dict)
+                    and raw.get("max") is not None
+                    and raw.get("min", 0) > raw["max"]
+                ):
                     path = ["expect", key] + ([name] if name else [])
                     self.fail(path, f"min {raw['min']} is above max {raw['max']}")
         self._crashes_possible()
@@ -819,41 +1112,62 @@ class _Rules:
             if step.kind == "restart":
                 possible += len(step.arg.get("crashes", []))
         if Bound.parse(raw).low > possible:
-            self.fail(["expect", "crashes"], f"expect.crashes wants {Bound.parse(raw)} "
-                      f"crashed workers, but the scenario can crash at most {possible} "
-                      "(armed kill/exit/raise crash points, crash steps and schedule kills)")
+            self.fail(
+                ["expect", "crashes"],
+                f"expect.crashes wants {Bound.parse(raw)} "
+                f"crashed workers, but the scenario can crash at most {possible} "
+                "(armed kill/exit/raise crash points, crash steps and schedule kills)",
+            )
 
-    def _bound_le(self, path: list[Any], raw: Any, limit: int, what: str, unit: str) -> None:
+    def _bound_le(
+        self, path: list[Any], raw: Any, limit: int, what: str, unit: str
+    ) -> None:
         if raw is not None and Bound.parse(raw).low > limit:
-            self.fail(path, f"{_dotted(path)} wants {Bound.parse(raw)} {what}, but only "
-                            f"{limit} {unit}")
+            self.fail(
+                path,
+                f"{_dotted(path)} wants {Bound.parse(raw)} {what}, but only "
+                f"{limit} {unit}",
+            )
 
     def _artifact(self, path: list[Any], name: str) -> None:
         if name not in self.s.jobs:
-            self.fail(path, f"artifact {name!r} is not planned; planned artifacts: "
-                            f"{', '.join(self.s.jobs)}")
+            self.fail(
+                path,
+                f"artifact {name!r} is not planned; planned artifacts: "
+                f"{', '.join(self.s.jobs)}",
+            )
 
     def check_xfail(self) -> None:
         ids = {v.param or "" for v in variants(self.s)} | {"*"}
         for key in self.s.xfail:
             if key not in ids:
                 valid = ", ".join(sorted(i for i in ids if i)) or "*"
-                self.fail(["xfail", key], f"xfail names variant {key!r}, which this scenario "
-                                          f"does not have; its variants: {valid}", key=True)
+                self.fail(
+                    ["xfail", key],
+                    f"xfail names variant {key!r}, which this scenario "
+                    f"does not have; its variants: {valid}",
+                    key=True,
+                )
 
     def check_mutant(self) -> None:
         if self.s.mutant is None:
             return
         try:
-            from . import mutants  # type: ignore[attr-defined]
+            from . import mutants
         except ImportError:
-            self.fail(["mutant"], "mutants are not available in this version of the harness "
-                                  "(docstokg_idem.harness.mutants is missing)")
+            self.fail(
+                ["mutant"],
+                "mutants are not available in this version of the harness "
+                "(docstokg_idem.harness.mutants is missing)",
+            )
             return
         known = _mutant_names(mutants)
         if known is not None and self.s.mutant not in known:
-            self.fail(["mutant"], f"mutant {self.s.mutant!r} is not known; known mutants: "
-                                  f"{', '.join(sorted(known))}")
+            self.fail(
+                ["mutant"],
+                f"mutant {self.s.mutant!r} is not known; known mutants: "
+                f"{', '.join(sorted(known))}",
+            )
 
 
 def _mutant_names(module: Any) -> list[str] | None:

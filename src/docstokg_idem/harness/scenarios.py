@@ -53,8 +53,10 @@ class ScenarioFailed(AssertionError):
     def __init__(self, result: RunResult):
         self.result = result
         broken = ", ".join(result.report.broken()) or "no invariant"
-        super().__init__(f"scenario {result.name}: {broken} broken, "
-                         f"{len(result.unmet)} expectations not met")
+        super().__init__(
+            f"scenario {result.name}: {broken} broken, "
+            f"{len(result.unmet)} expectations not met"
+        )
 
 
 class ScenarioFile(pytest.File):
@@ -62,11 +64,14 @@ class ScenarioFile(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item]:
         root = self.config.rootpath
-        shown = self.path.relative_to(root) if self.path.is_relative_to(root) else self.path
+        shown = (
+            self.path.relative_to(root) if self.path.is_relative_to(root) else self.path
+        )
         for entry in load_file(self.path, display=str(shown)):
             if isinstance(entry, ScenarioError):
-                yield InvalidScenarioItem.from_parent(self, name=_error_name(self, entry),
-                                                      error=entry)
+                yield InvalidScenarioItem.from_parent(
+                    self, name=_error_name(self, entry), error=entry
+                )
                 continue
             for variant in variants(entry):
                 yield ScenarioItem.from_parent(self, name=variant.name, variant=variant)
@@ -86,8 +91,10 @@ class InvalidScenarioItem(pytest.Item):
     def setup(self) -> None:
         problems = len(self.error.problems)
         head = f"invalid scenario ({problems} problem{'s' if problems > 1 else ''}):"
-        pytest.fail(f"{head}\n{self.error}\nSee docs/scenarios.md for the format.",
-                    pytrace=False)
+        pytest.fail(
+            f"{head}\n{self.error}\nSee docs/scenarios.md for the format.",
+            pytrace=False,
+        )
 
     def runtest(self) -> None:  # pragma: no cover - setup always fails
         raise self.error
@@ -98,9 +105,16 @@ class InvalidScenarioItem(pytest.Item):
         return self.path, line, f"invalid scenario: {self.name}"
 
     def idem_report_data(self) -> dict[str, Any]:
-        return {"name": self.name, "file": str(self.path), "line": self.reportinfo()[1] + 1,
-                "description": "", "points": [], "invalid": True,
-                "text": str(self.error), "picture": None}
+        return {
+            "name": self.name,
+            "file": str(self.path),
+            "line": self.reportinfo()[1] + 1,
+            "description": "",
+            "points": [],
+            "invalid": True,
+            "text": str(self.error),
+            "picture": None,
+        }
 
 
 class ScenarioItem(pytest.Item):
@@ -140,7 +154,9 @@ class ScenarioItem(pytest.Item):
 
     def _once(self, base: Path, schedule: list[list[Any]] | None) -> RunResult:
         workdir = Path(tempfile.mkdtemp(dir=base))
-        result = run_variant(self.variant, workdir, seed=self._seed(), schedule=schedule)
+        result = run_variant(
+            self.variant, workdir, seed=self._seed(), schedule=schedule
+        )
         self.result = result
         self.points |= result.points
         if not result.ok:
@@ -161,9 +177,12 @@ class ScenarioItem(pytest.Item):
         from .strategies import CLOCK_MOVES, schedules
 
         spec = self.scenario.interleavings or {}
-        strategy = schedules(self.scenario.workers, min_steps=spec.get("min_steps", 0),
-                             max_steps=spec.get("max_steps", 12),
-                             clock_moves=tuple(spec.get("clock_moves", CLOCK_MOVES)))
+        strategy = schedules(
+            self.scenario.workers,
+            min_steps=spec.get("min_steps", 0),
+            max_steps=spec.get("max_steps", 12),
+            clock_moves=tuple(spec.get("clock_moves", CLOCK_MOVES)),
+        )
 
         def play(schedule: list[list[Any]]) -> None:
             self.examples += 1
@@ -171,8 +190,12 @@ class ScenarioItem(pytest.Item):
 
         # One database key per scenario variant, not one for every scenario.
         play._hypothesis_internal_add_digest = self.nodeid.encode()  # type: ignore[attr-defined]
-        test = settings(max_examples=self._examples(spec), deadline=None, print_blob=False,
-                        suppress_health_check=list(HealthCheck))(given(strategy)(play))
+        test = settings(
+            max_examples=self._examples(spec),
+            deadline=None,
+            print_blob=False,
+            suppress_health_check=list(HealthCheck),
+        )(given(strategy)(play))
         test = seed(spec.get("seed", self._seed()))(test)
         try:
             test()
@@ -183,21 +206,25 @@ class ScenarioItem(pytest.Item):
     def _examples(self, spec: dict[str, Any]) -> int:
         from hypothesis import settings
 
-        wanted = int(spec.get("examples", settings.default.max_examples))
+        profile = settings()  # the loaded profile (ci or nightly)
+        wanted = int(spec.get("examples", profile.max_examples))
         if _option(self.config, "idem_profile") == "nightly":
-            return max(wanted, settings.default.max_examples)
+            return max(wanted, profile.max_examples)
         return wanted
 
     def _write_back(self, result: RunResult) -> None:
         folder = _option(self.config, "idem_write_failures")
         if not folder or result.schedule is None:
             return
-        self.written = write_failure(self.variant, result, Path(folder), seed=self._seed())
+        self.written = write_failure(
+            self.variant, result, Path(folder), seed=self._seed()
+        )
 
     # --- reporting ---
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
-                     style: Any = None) -> str | Any:
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+    ) -> str | Any:
         error = excinfo.value
         if isinstance(error, ScenarioFailed):
             return self.describe(error.result)
@@ -212,16 +239,20 @@ class ScenarioItem(pytest.Item):
         return ours or excinfo.traceback
 
     def describe(self, result: RunResult) -> str:
-        """The failure as text: what broke, what was expected, steps, timeline, replay."""
+        """The failure as text: what broke, expectations, steps, timeline, replay."""
         lines = [self._head()]
         if result.report.violations:
-            names = ", ".join(f"{i} ({_INVARIANTS()[i]})" for i in result.report.broken())
+            names = ", ".join(
+                f"{i} ({_INVARIANTS()[i]})" for i in result.report.broken()
+            )
             lines += ["", f"invariant broken: {names}"]
             lines += [f"  - {v}" for v in result.report.violations]
         if result.unmet:
             lines += ["", "expectation not met:"] + [f"  - {u}" for u in result.unmet]
         if result.log:
-            lines += ["", "steps:"] + [f"  {i}. {s}" for i, s in enumerate(result.log, 1)]
+            lines += ["", "steps:"] + [
+                f"  {i}. {s}" for i, s in enumerate(result.log, 1)
+            ]
         lines += ["", "timeline per worker:"]
         lines += ["  " + line for line in result.text_timeline.splitlines()]
         lines += ["", self._replay(result)]
@@ -244,15 +275,22 @@ class ScenarioItem(pytest.Item):
 
     def _replay(self, result: RunResult | None = None) -> str:
         hint = [f"replay: pytest -p docstokg_idem '{self.nodeid}'"]
-        if result is not None and result.schedule is not None and \
-                self.scenario.interleavings is not None:
+        if (
+            result is not None
+            and result.schedule is not None
+            and self.scenario.interleavings is not None
+        ):
             schedule = json.dumps(result.schedule)
-            hint = [f"minimal failing schedule ({len(result.schedule)} steps): {schedule}",
-                    f"replay: pytest -p docstokg_idem '{self.nodeid}' "
-                    f"--idem-replay='{schedule}'"]
+            hint = [
+                f"minimal failing schedule ({len(result.schedule)} steps): {schedule}",
+                f"replay: pytest -p docstokg_idem '{self.nodeid}' "
+                f"--idem-replay='{schedule}'",
+            ]
             if self.written is not None:
-                hint.append(f"written as a scenario: {self.written}; replay: "
-                            f"pytest -p docstokg_idem {self.written}")
+                hint.append(
+                    f"written as a scenario: {self.written}; replay: "
+                    f"pytest -p docstokg_idem {self.written}"
+                )
             else:
                 hint.append("write it as a scenario with --idem-write-failures=DIR")
         return "\n".join(hint)
@@ -264,10 +302,16 @@ class ScenarioItem(pytest.Item):
         """What the scenario reporter needs (plain data: it crosses xdist)."""
         result = self.result
         failed = result is not None and not result.ok
-        return {"name": self.name, "file": str(self.path), "line": self.scenario.line,
-                "description": self.scenario.description, "points": sorted(self.points),
-                "invalid": False, "text": self.describe(result) if failed and result else "",
-                "picture": result.picture if failed and result else None}
+        return {
+            "name": self.name,
+            "file": str(self.path),
+            "line": self.scenario.line,
+            "description": self.scenario.description,
+            "points": sorted(self.points),
+            "invalid": False,
+            "text": self.describe(result) if failed and result else "",
+            "picture": result.picture if failed and result else None,
+        }
 
 
 def _INVARIANTS() -> dict[str, str]:
@@ -286,8 +330,10 @@ def _option(config: pytest.Config, name: str) -> Any:
     return value
 
 
-def write_failure(variant: Variant, result: RunResult, folder: Path, *, seed: int) -> Path:
-    """Write the minimal failing schedule of ``variant`` as a scenario that replays it."""
+def write_failure(
+    variant: Variant, result: RunResult, folder: Path, *, seed: int
+) -> Path:
+    """Write the minimal failing schedule of ``variant`` as a scenario replaying it."""
     assert result.schedule is not None
     scenario = variant.scenario
     digest = hashlib.sha256(json.dumps([scenario.name, result.schedule]).encode())
@@ -295,12 +341,22 @@ def write_failure(variant: Variant, result: RunResult, folder: Path, *, seed: in
     broken = ", ".join(result.report.broken()) or "expectations"
     document: dict[str, Any] = {
         "name": name,
-        "description": (f"Minimal failing schedule found by Hypothesis for scenario "
-                        f"{scenario.name} ({scenario.path}), seed {seed}; it breaks "
-                        f"{broken}. Replays deterministically."),
+        "description": (
+            f"Minimal failing schedule found by Hypothesis for scenario "
+            f"{scenario.name} ({scenario.path}), seed {seed}; it breaks "
+            f"{broken}. Replays deterministically."
+        ),
     }
-    skip = {"name", "description", "interleavings", "steps", "crash", "crashes",
-            "disk_full", "xfail"}
+    skip = {
+        "name",
+        "description",
+        "interleavings",
+        "steps",
+        "crash",
+        "crashes",
+        "disk_full",
+        "xfail",
+    }
     for key, value in scenario.raw.items():
         if key not in skip and key != "expect":
             document[key] = value
@@ -314,5 +370,10 @@ def write_failure(variant: Variant, result: RunResult, folder: Path, *, seed: in
     return path
 
 
-__all__ = ["InvalidScenarioItem", "ScenarioFailed", "ScenarioFile", "ScenarioItem",
-           "write_failure"]
+__all__ = [
+    "InvalidScenarioItem",
+    "ScenarioFailed",
+    "ScenarioFile",
+    "ScenarioItem",
+    "write_failure",
+]

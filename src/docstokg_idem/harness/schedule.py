@@ -99,8 +99,7 @@ def run_schedule(schedule: Sequence[Step], world: World | None = None,
         with pool:
             pool.start()
             killed = _play(pool, schedule, clock)
-            pool.free()
-            pool.run_until_idle(start=False)
+            _drain(pool)
             codes = pool.exit_codes()
             _recover(pool, world, db_path, out, clock)
             trace = list(pool.trace)
@@ -155,6 +154,21 @@ def _play(pool: WorkerPool, schedule: Sequence[Step], clock: SharedClock) -> int
     return killed
 
 
+def _drain(pool: WorkerPool) -> None:
+    """Run the workers to the end one step at a time, in a fixed order.
+
+    A free run would let the workers race, so the same schedule could end two
+    ways; stepping the first runnable worker (the lock holder when there is
+    one) makes the end as deterministic as the schedule.
+    """
+    while True:
+        runnable = pool.runnable()
+        if not runnable:
+            break
+        pool.step(runnable[0])
+    pool.run_until_idle(start=False)
+
+
 def _recover(pool: WorkerPool, world: World, db_path: Path, out: Path,
              clock: SharedClock) -> None:
     """Recovery runs as the system would: in a process of its own, mutant included."""
@@ -171,6 +185,11 @@ def _recover(pool: WorkerPool, world: World, db_path: Path, out: Path,
         proc.kill()
         proc.join()
         raise RuntimeError("the recovery worker did not finish in 120 s")
+    if proc.exitcode != 0:
+        raise RuntimeError(
+            f"the recovery process exited with {proc.exitcode} (mutant {world.mutant!r}); "
+            "its output above says why"
+        )
 
 
 def _recovery_child(config: WorkerConfig, clock_file: str, dead: list[str],

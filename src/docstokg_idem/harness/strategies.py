@@ -21,12 +21,13 @@ CLOCK_MOVES = (1.0, 4.0, 11.0, 31.0)
 
 def steps(workers: int = 2, clock_moves: tuple[float, ...] = CLOCK_MOVES) -> st.SearchStrategy[list[Any]]:
     """One step: ``["run", k]``, ``["kill", k]``, ``["clock", s]`` or ``["restart", k]``."""
-    index = st.integers(min_value=0, max_value=max(0, workers - 1))
-    moves = st.sampled_from(clock_moves)
-    return st.one_of(
-        st.tuples(st.sampled_from([k for k in _KINDS if k != "clock"]), index),
-        st.tuples(st.just("clock"), moves),
-    ).map(list)
+    width = max(workers, len(clock_moves))
+
+    def build(choice: tuple[str, int]) -> list[Any]:
+        kind, n = choice
+        return [kind, clock_moves[n % len(clock_moves)] if kind == "clock" else n % workers]
+
+    return st.tuples(st.sampled_from(_KINDS), st.integers(0, width - 1)).map(build)
 
 
 def schedules(workers: int = 2, *, min_steps: int = 0, max_steps: int = 24,

@@ -28,6 +28,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from ..core import (
@@ -386,8 +387,7 @@ class Worker:
         length = resp.headers.get("Content-Length")
         total = body.received + int(length) if length and length.isdigit() else None
         since = body.received
-        while chunk := resp.read1(self.config.chunk_bytes):
-            body.write(chunk)
+        for chunk in _whole_chunks(resp, self.config.chunk_bytes, body):
             self.stats.bytes_received += len(chunk)
             if body.received > limit:
                 raise BodyTooLarge(f"{self.lease.url}: body passed {limit} bytes")
@@ -476,6 +476,32 @@ class Worker:
                               allowed_from={JobState.FINALIZED}, on_record=entry)
         crashpoint("index.after_record")
         return result
+
+
+def _whole_chunks(resp: Any, size: int, body: _Body) -> Iterator[bytes]:
+    """Write the body in chunks of exactly ``size`` bytes (the last may be short).
+
+    The socket hands out bytes in whatever pieces arrived; regrouping them
+    makes the chunk boundaries, and so the crash points, the same on every
+    run. Bytes already received are written before a transport error
+    propagates, so a resume starts after them.
+    """
+    pending = bytearray()
+    try:
+        while piece := resp.read1(size - len(pending)):
+            pending += piece
+            if len(pending) == size:
+                chunk = bytes(pending)
+                pending.clear()
+                body.write(chunk)
+                yield chunk
+    finally:
+        rest = bytes(pending)
+        pending.clear()
+        if rest:
+            body.write(rest)
+    if rest:
+        yield rest
 
 
 class _Body:
