@@ -7,11 +7,15 @@ record, some outlast their lease), failures, clock moves in both directions and
 the reconciler. After every step the database must hold what the model says,
 and :func:`check_invariants` must find nothing wrong in the history table.
 
-Time: the model reads "now" as ``max(wall, highwater)``, the highwater being
-the highest wall time the database recorded (``meta.wall_highwater``). That
-is what the core promises for claims (C14: a wall clock moved backwards cannot
-bring an expired lease back to life), and the model holds every other lease
-decision (renew, release, fenced writes) to the same clock.
+Time: a transaction's "now" is ``max(wall, highwater)``. The highwater is the
+highest wall time a claim or the reconciler saw (``meta.wall_highwater``); the
+model keeps its own and checks the database's against it. Claims and the
+reconciler compare expiries with that "now" (C14: a wall clock moved backwards
+cannot bring an expired lease back to life). Renew, release and every fenced
+write hold a lease live only while ``lease_until > max(now, updated_at)``, so
+an expiry written at a later wall time (a renew with TTL 0) stays in the past
+when the wall clock moves back; an op in progress is held only while
+``expires_at > max(now, started_at)``.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ THEN_STATE = {
     "FINALIZE": JobState.FINALIZED,
 }
 MAX_ATTEMPTS = (2, 3)  # small, so that the attempt limit is reached
+#: How the machine calls ``run_effect``; see :class:`_Call`.
+STYLES = ("tracked", "lean", "atomic")
 BACKOFF_S = 1.0  # the core's default
 MAX_BACKOFF_S = 300.0
 
@@ -121,13 +127,13 @@ class _HistLease:
 
 
 def _lease_ends_with(row: sqlite3.Row) -> bool:
-    """Tell whether a ``state -> FAILED`` history row also dropped the lease.
+    """Tell whether a history row also dropped the job's lease.
 
-    ``fail_job`` and the attempt limit clear the lease and write a detail
-    ("retryable: …", "final: …", "attempt limit …"); a bare ``advance_state``
-    to FAILED keeps it and writes none. The history has no explicit event for it.
+    Only ``fail_job`` and the attempt limit move a job to FAILED, and both clear
+    the lease in the same write (``advance_state`` to FAILED is refused). The
+    history has no explicit event for it.
     """
-    return row["to_state"] == JobState.FAILED.value and row["detail"] is not None
+    return bool(row["event"] == "state" and row["to_state"] == JobState.FAILED.value)
 
 
 def check_invariants(cx: sqlite3.Connection) -> list[str]:
@@ -139,20 +145,26 @@ def check_invariants(cx: sqlite3.Connection) -> list[str]:
     I6: claim tokens of a job strictly increase, the job's current token is the
     last one claimed, and no claim happened while an earlier lease was live.
     I7: every renew, release and fenced state change carries the token of the
-    job's live lease (not ended, not expired at the event); every op with a
-    token names a token that was claimed for its job.
+    job's live lease: not ended, and not expired at the event nor at the job's
+    previous event (a lease whose expiry was written at a later wall time stays
+    expired when the wall clock moves back); every op with a token names a
+    token that was claimed for its job.
     I10: every lease and every op in progress has an expiry.
+    A failure carries its reason (I1).
     """
     problems: list[str] = []
     state: dict[str, str] = {}
     lease: dict[str, _HistLease | None] = {}
     tokens: dict[str, list[int]] = {}
+    last_at: dict[str, float] = {}  # the job row's updated_at, event by event
 
     for h in cx.execute("SELECT * FROM history ORDER BY seq").fetchall():
         job, what, at = h["job_id"], h["event"], h["at"]
         where = f"history seq {h['seq']} ({what} of job {job[:12]}, token {h['token']})"
         current = state.get(job, JobState.PLANNED.value)
         live = lease.get(job)
+        since = last_at.get(job, at)
+        last_at[job] = at
         if h["from_state"] is not None and h["from_state"] != current:
             problems.append(
                 f"I5 {where}: starts in {h['from_state']}, job was in {current}"
@@ -178,7 +190,7 @@ def check_invariants(cx: sqlite3.Connection) -> list[str]:
             claimed.append(h["token"])
             lease[job] = _HistLease(h["token"], h["owner"], h["lease_until"])
         elif what in ("renew", "release"):
-            _check_fenced(problems, where, h, live)
+            _check_fenced(problems, where, h, live, since)
             if live is not None and what == "renew":
                 live.until = h["lease_until"]
             if live is not None and what == "release":
@@ -198,7 +210,9 @@ def check_invariants(cx: sqlite3.Connection) -> list[str]:
                     f"I5 {where}: {h['from_state']} -> {h['to_state']} is no edge"
                 )
             if h["token"] is not None:
-                _check_fenced(problems, where, h, live)
+                _check_fenced(problems, where, h, live, since)
+            if h["to_state"] == JobState.FAILED.value and h["detail"] is None:
+                problems.append(f"I1 {where}: failed without a reason")
             if live is not None and _lease_ends_with(h):
                 live.ended = True
         elif what == "repair":
@@ -218,7 +232,11 @@ def check_invariants(cx: sqlite3.Connection) -> list[str]:
 
 
 def _check_fenced(
-    problems: list[str], where: str, h: sqlite3.Row, live: _HistLease | None
+    problems: list[str],
+    where: str,
+    h: sqlite3.Row,
+    live: _HistLease | None,
+    since: float,
 ) -> None:
     if live is None or live.ended:
         problems.append(f"I7 {where}: written while the job had no lease")
@@ -230,9 +248,10 @@ def _check_fenced(
         problems.append(
             f"I7 {where}: owner {h['owner']!r}, the lease is {live.owner!r}'s"
         )
-    elif live.until <= h["at"]:
+    elif live.until <= max(h["at"], since):
         problems.append(
-            f"I7 {where}: written at {h['at']}, the lease ended at {live.until}"
+            f"I7 {where}: written at {h['at']} (job last written at {since}), "
+            f"the lease ended at {live.until}"
         )
 
 
@@ -290,6 +309,7 @@ class MJob:
 
     job_id: str
     max_attempts: int
+    updated_at: float  #: the time of the row's last write
     state: str = JobState.PLANNED.value
     claimable: bool = True
     attempts: int = 0
@@ -310,6 +330,7 @@ class MJob:
             "lease_until": self.until,
             "lease_token": self.token,
             "has_reason": self.failed_with_reason,
+            "updated_at": self.updated_at,
         }
 
 
@@ -322,6 +343,7 @@ class MOp:
     status: str
     token: int | None
     owner: str | None
+    started_at: float
     expires_at: float
     result: bytes | None = None
 
@@ -332,6 +354,7 @@ class MOp:
             "status": self.status,
             "token": self.token,
             "owner": self.owner,
+            "started_at": self.started_at,
             "expires_at": self.expires_at,
             "result": self.result if self.status == "SUCCEEDED" else None,
         }
@@ -356,11 +379,21 @@ HistoryRow = tuple[
 
 @dataclass
 class Model:
-    """The job table, the op ledger and the history, as plain Python."""
+    """The job table, the op ledger, the history and the highwater, as plain Python."""
 
     jobs: dict[str, MJob] = field(default_factory=dict)
     ops: dict[str, MOp] = field(default_factory=dict)
     history: dict[str, list[HistoryRow]] = field(default_factory=dict)
+    highwater: float = 0.0  #: the highest wall time a claim or the reconciler saw
+
+    def now(self, wall: float) -> float:
+        """The time a transaction starting at ``wall`` reads and writes."""
+        return max(wall, self.highwater)
+
+    def see(self, wall: float) -> float:
+        """A claim or reconcile transaction: raise the highwater; return its time."""
+        self.highwater = self.now(wall)
+        return self.highwater
 
     def log(
         self,
@@ -376,6 +409,8 @@ class Model:
     ) -> None:
         row = (what, from_state, to_state, token, owner, at, lease_until)
         self.history.setdefault(job_id, []).append(row)
+        # every write to a job row appends its history in the same transaction
+        self.jobs[job_id].updated_at = at
 
     # leases
     def candidates(self, now: float) -> set[str]:
@@ -437,7 +472,7 @@ class Model:
             and (owner is None or job.owner == owner)
             and job.token == token
             and job.until is not None
-            and job.until > now
+            and job.until > max(now, job.updated_at)
         )
 
     def renew(
@@ -480,6 +515,8 @@ class Model:
 
     def advance(self, job_id: str, dst: str, token: int, now: float) -> bool:
         """``True`` if changed, ``False`` if already there; raises like the core."""
+        if dst == JobState.FAILED.value:
+            raise InvalidTransition("model: a failure goes through fail_job")
         if not self.holds(job_id, token, now):
             raise LeaseLost("model: stale token")
         job = self.jobs[job_id]
@@ -508,6 +545,11 @@ class Model:
 
     # the reconciler
     def cleanup_leases(self, now: float) -> int:
+        # TODO: claims and the reconciler compare lease_until with "now" alone,
+        # the fence with max(now, updated_at): a lease renewed with TTL 0 at a
+        # later wall time, then the wall clock moved back, is dead for its holder
+        # but not claimable, not cleared, and its ops in progress not abandoned
+        # (I8) until the wall clock catches up. The model does what the core does.
         count = 0
         for job in self.jobs.values():
             if job.owner is not None and job.until is not None and job.until <= now:
@@ -529,7 +571,7 @@ class Model:
                 or job.until is None
                 or job.until <= now
             )
-            if op.expires_at <= now or dead:
+            if op.expires_at <= max(now, op.started_at) or dead:
                 op.status = "ABANDONED"
                 count += 1
         return count
@@ -557,6 +599,68 @@ class Model:
 
 class Boom(RuntimeError):
     """What a failing effect raises."""
+
+
+#: The plans of :meth:`CoreMachine._start_effect` in which the effect runs.
+_RUNS = ("run", "raise", "crash after effect", "crash after record")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """How the machine calls ``run_effect`` for one kind of op.
+
+    ``tracked``: the default mode with ``then_state`` only. ``lean``: the
+    options that save transactions: HEAD ``first_wins``, STREAM with
+    ``start_state=STREAMING``, FINALIZE with ``then_release``. ``atomic``: the
+    lean options of STREAM and FINALIZE, every kind in ``atomic`` mode.
+    """
+
+    kind: str
+    style: str
+
+    @property
+    def mode(self) -> str:
+        if self.style == "atomic":
+            return "atomic"
+        if self.style == "lean" and self.kind == "HEAD":
+            return "first_wins"
+        return "tracked"
+
+    @property
+    def start_state(self) -> JobState | None:
+        lean = self.style != "tracked"
+        return JobState.STREAMING if lean and self.kind == "STREAM" else None
+
+    @property
+    def then_state(self) -> JobState | None:
+        return THEN_STATE[self.kind]
+
+    @property
+    def then_release(self) -> bool:
+        return self.style != "tracked" and self.kind == "FINALIZE"
+
+    @property
+    def crash_point(self) -> str:
+        # first_wins writes nothing before the effect: crash right after it;
+        # atomic has no moment between start and record: crash after the record
+        return {
+            "tracked": "op.after_start",
+            "first_wins": "op.after_effect",
+            "atomic": "op.after_record",
+        }[self.mode]
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "start_state": self.start_state,
+            "then_state": self.then_state,
+            "then_release": self.then_release,
+        }
+
+
+def _may_move(src: str, dst: JobState | None) -> bool:
+    """Tell whether a job in ``src`` may be moved to ``dst`` (``None``: no move)."""
+    return dst is None or src == dst.value or is_allowed(src, dst)
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -591,13 +695,16 @@ class CoreMachine(RuleBasedStateMachine):
     # --- reading the database's time and history
 
     def now(self) -> float:
-        """The time of every lease decision: wall time, never below the highwater."""
+        """The time of the next transaction: wall time, never below the highwater."""
+        return self.model.now(self.clock.wall())
+
+    def _highwater(self) -> float:
         got = (
             self.cx["reconciler"]
             .execute("SELECT value FROM meta WHERE key = 'wall_highwater'")
             .fetchone()
         )
-        return max(self.clock.wall(), float(got[0]) if got else 0.0)
+        return float(got[0]) if got else 0.0
 
     def _last_seq(self) -> int:
         got = self.cx["reconciler"].execute("SELECT max(seq) FROM history").fetchone()
@@ -636,7 +743,7 @@ class CoreMachine(RuleBasedStateMachine):
         )
 
         assert job_id == job_key(work, artifact, canonical_url(_url(work, artifact)))
-        self.model.jobs.setdefault(job_id, MJob(job_id, attempts))
+        self.model.jobs.setdefault(job_id, MJob(job_id, attempts, self.clock.wall()))
 
     @rule(
         pairs=st.lists(
@@ -651,15 +758,17 @@ class CoreMachine(RuleBasedStateMachine):
         ids = plan_jobs(self.cx["w2"], rows, max_attempts=attempts)
 
         assert ids == [job_key(w, a, _url(w, a)) for w, a in pairs]
-        for job_id in ids:
-            self.model.jobs.setdefault(job_id, MJob(job_id, attempts))
+        for job_id in ids:  # planned outside a transaction: at wall time
+            self.model.jobs.setdefault(
+                job_id, MJob(job_id, attempts, self.clock.wall())
+            )
 
     # --- leases
 
     @rule(target=leases, owner=st.sampled_from(OWNERS), ttl=st.sampled_from(LEASE_TTLS))
     def lease(self, owner: str, ttl: float) -> Any:
         """Claim; which claimable job comes first is the core's choice."""
-        now = self.now()
+        now = self.model.see(self.clock.wall())
         candidates = self.model.candidates(now)
         seq = self._last_seq()
 
@@ -670,7 +779,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert set(touched) <= candidates, (
             "the claim touched a job that was not claimable"
         )
-        assert self.now() == now, "the claim did not record the time it saw"
+        assert self._highwater() == now, "the claim did not record the time it saw"
         failed = touched[:-1] if got is not None else touched
         for job_id in failed:
             assert self.model.exhausted(job_id), (
@@ -761,12 +870,6 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(handle=leases, fresh=FRESH, retryable=st.booleans())
     def fail(self, handle: Handle, fresh: bool, retryable: bool) -> None:
         handle = self._pick(handle, fresh)
-        if self.model.jobs[handle.job_id].state == JobState.FAILED.value:
-            # TODO: fail_job on a job already FAILED (reached by advance_state to
-            # FAILED under a live lease) writes a FAILED -> FAILED history row,
-            # which is no edge (I5); skipped here until the core refuses it.
-            event("fail: skipped, the job is FAILED already")
-            return
         now = self.now()
 
         outcome = _outcome(
@@ -793,6 +896,7 @@ class CoreMachine(RuleBasedStateMachine):
         mode=st.sampled_from(["ok", "ok", "ok", "raise", "crash"]),
         slow=st.sampled_from([0, 0, 0, 3, 40]),
         op_ttl=st.sampled_from(OP_TTLS),
+        style=st.sampled_from(STYLES),
     )
     def effect(
         self,
@@ -802,10 +906,15 @@ class CoreMachine(RuleBasedStateMachine):
         mode: str,
         slow: float,
         op_ttl: float,
+        style: str = "tracked",
     ) -> None:
-        """Run one effect; ``slow`` seconds pass in it, ``crash`` stops it early."""
+        """Run one effect; ``slow`` seconds pass in it, ``crash`` stops it early.
+
+        ``style`` is how it is called (see :class:`_Call`).
+        """
         handle = self._pick(handle, fresh)
         key = op_key(kind, handle.job_id)
+        call = _Call(kind, style)
         results: list[dict[str, Any]] = []
         calls_before = self.effect_calls
 
@@ -819,9 +928,9 @@ class CoreMachine(RuleBasedStateMachine):
             )
             return results[-1]
 
-        plan = self._start_effect(handle, key, kind, mode, op_ttl)
+        plan = self._start_effect(handle, key, call, mode, op_ttl)
         if mode == "crash":
-            crashpoints.arm([{"point": "op.after_start", "action": "raise"}])
+            crashpoints.arm([{"point": call.crash_point, "action": "raise"}])
         try:
             outcome = _outcome(
                 lambda: run_effect(
@@ -833,49 +942,124 @@ class CoreMachine(RuleBasedStateMachine):
                     token=handle.token,
                     owner=handle.owner,
                     ttl_s=op_ttl,
-                    then_state=THEN_STATE[kind],
+                    **call.options(),
                 )
             )
         finally:
             crashpoints.disarm()
 
-        event(f"effect {kind}: {plan[0]} -> {outcome[0]}")
+        event(f"effect {kind} {call.mode}: {plan[0]} -> {outcome[0]}")
         ran = self.effect_calls - calls_before
-        assert ran == (plan[0] in ("run", "raise")), (
-            f"the effect ran {ran} times: {plan}"
-        )
-        self._settle_effect(handle, key, kind, plan, outcome, results)
+        assert ran == (plan[0] in _RUNS), f"the effect ran {ran} times: {plan}"
+        self._settle_effect(handle, key, call, plan, outcome, results)
 
-    @rule(handle=leases)
-    def lifecycle(self, handle: Handle) -> None:
+    @rule(handle=leases, style=st.sampled_from(STYLES))
+    def lifecycle(self, handle: Handle, style: str) -> None:
         """A healthy turn of work under the job's live lease: HEAD to FINALIZE."""
-        self.effect(handle, True, "HEAD", "ok", 0, 300)
-        self.advance(handle, True, JobState.STREAMING)
-        self.effect(handle, True, "STREAM", "ok", 0, 300)
-        self.effect(handle, True, "FINALIZE", "ok", 0, 300)
+        self.effect(handle, True, "HEAD", "ok", 0, 300, style)
+        if _Call("STREAM", style).start_state is None:
+            self.advance(handle, True, JobState.STREAMING)
+        self.effect(handle, True, "STREAM", "ok", 0, 300, style)
+        self.effect(handle, True, "FINALIZE", "ok", 0, 300, style)
+
+    @rule(
+        handle=leases,
+        kind=st.sampled_from(KINDS),
+        style=st.sampled_from(STYLES),
+        missing=st.sampled_from(["token", "owner", "empty owner", "both"]),
+    )
+    def release_without_lease(
+        self, handle: Handle, kind: str, style: str, missing: str
+    ) -> None:
+        """``then_release`` without the lease's token or owner: refused up front.
+
+        The call raises before it reads or writes anything, so even a recorded
+        op is not replayed; the invariants check that nothing changed.
+        """
+        token = None if missing in ("token", "both") else handle.token
+        owner = {"owner": None, "empty owner": "", "both": None}.get(
+            missing, handle.owner
+        )
+        ran: list[str] = []
+
+        def effect_fn() -> Mapping[str, Any]:
+            ran.append(kind)
+            return {"kind": kind}
+
+        with pytest.raises(ValueError, match="then_release"):
+            run_effect(
+                self.cx[handle.owner],
+                job_id=handle.job_id,
+                kind=kind,
+                opkey=op_key(kind, handle.job_id),
+                effect_fn=effect_fn,
+                token=token,
+                owner=owner,
+                mode=_Call(kind, style).mode,
+                then_state=THEN_STATE[kind],
+                then_release=True,
+            )
+
+        assert ran == [], "the effect ran although the call was refused"
 
     def _start_effect(
-        self, handle: Handle, key: str, kind: str, mode: str, op_ttl: float
+        self, handle: Handle, key: str, call: _Call, mode: str, op_ttl: float
     ) -> tuple[str, Any]:
-        """Predict how ``run_effect`` starts: replay, refuse, crash, or run."""
+        """Predict how ``run_effect`` starts; apply what its start commits.
+
+        Returns the plan and, for ``atomic``, the time of its one transaction.
+        """
         op = self.model.ops.get(key)
         if op is not None and op.status == "SUCCEEDED":
             return ("replay", json.loads(op.result or b""))  # whatever the token (I4)
+        if call.mode == "first_wins":
+            # TODO: first_wins runs the effect before it checks the lease and the
+            # then_state edge, so a zombie's HEAD (or one on a job past HEAD_DONE)
+            # still goes out and is refused only at the record; harmless for a
+            # safe request, but I9 counts it as a run without a crash.
+            plans = {"ok": "run", "raise": "raise", "crash": "crash after effect"}
+            return (plans[mode], None)
         now = self.now()
         if not self.model.holds(handle.job_id, handle.token, now):
             return ("refused", None)  # I7: a stale token starts nothing
-        self.model.ops[key] = MOp(
-            handle.job_id, kind, "IN_PROGRESS", handle.token, handle.owner, now + op_ttl
-        )
+        job = self.model.jobs[handle.job_id]
+        started = job.state if call.start_state is None else call.start_state.value
+        if not _may_move(job.state, call.start_state) or not _may_move(
+            started, call.then_state
+        ):
+            return ("refused at start", None)  # before the effect runs (I9)
+        if call.mode == "atomic":  # nothing commits unless the record does
+            plans = {"ok": "run", "raise": "raise", "crash": "crash after record"}
+            return (plans[mode], now)
+        self._start_op(handle, key, call, now, now + op_ttl)
         if mode == "crash":
             return ("crash", None)
         return ("raise", None) if mode == "raise" else ("run", None)
+
+    def _start_op(
+        self, handle: Handle, key: str, call: _Call, now: float, expires_at: float
+    ) -> None:
+        """Apply a start: the move to ``start_state``, the op in progress."""
+        if call.start_state is not None:
+            if self.model.jobs[handle.job_id].state != call.start_state.value:
+                self.model.change_state(
+                    handle.job_id, call.start_state.value, handle.token, now
+                )
+        self.model.ops[key] = MOp(
+            handle.job_id,
+            call.kind,
+            "IN_PROGRESS",
+            handle.token,
+            handle.owner,
+            now,
+            expires_at,
+        )
 
     def _settle_effect(
         self,
         handle: Handle,
         key: str,
-        kind: str,
+        call: _Call,
         plan: tuple[str, Any],
         outcome: tuple[str, Any],
         results: list[dict[str, Any]],
@@ -884,43 +1068,47 @@ class CoreMachine(RuleBasedStateMachine):
         expected = {
             "replay": ("ok", plan[1]),
             "refused": ("LeaseLost", None),
+            "refused at start": ("InvalidTransition", None),
             "crash": ("CrashPointFired", None),
+            "crash after effect": ("CrashPointFired", None),
             "raise": ("Boom", None),
         }
         op = self.model.ops.get(key)
-        if plan[0] == "raise" and op is not None:
+        if plan[0] == "raise" and call.mode == "tracked":
+            assert op is not None
             op.status, op.expires_at = "FAILED", self.now()
         if plan[0] in expected:
             assert outcome == expected[plan[0]]
             return
 
-        now = self.now()  # the effect may have moved the clock past the lease
+        # atomic records in its start's transaction, at the time it started
+        now = plan[1] if call.mode == "atomic" else self.now()
         if not self.model.holds(handle.job_id, handle.token, now):
+            assert call.mode != "atomic"
             assert outcome == ("LeaseLost", None), (
                 "a record under an expired lease was kept"
             )
             return
-        job, dst = self.model.jobs[handle.job_id], THEN_STATE[kind]
-        if (
-            dst is not None
-            and job.state != dst.value
-            and not is_allowed(job.state, dst)
-        ):
-            # TODO: the core runs the effect first and checks the then_state edge
-            # only when recording, so the op stays IN_PROGRESS and the next call
-            # runs the effect again (I9 allows that only after a crash or a lost
-            # lease). Predicted as the core does it until it checks at the start.
+        job, dst = self.model.jobs[handle.job_id], call.then_state
+        if call.mode == "first_wins" and not _may_move(job.state, dst):
             assert outcome == ("InvalidTransition", None)
-            return
-        assert outcome == ("ok", results[-1])
-        assert op is not None
-        op.status, op.result, op.expires_at = (
+            return  # the others checked the edge at their start
+        if plan[0] == "crash after record":
+            assert outcome == ("CrashPointFired", None)
+        else:
+            assert outcome == ("ok", results[-1])
+        if call.mode != "tracked":  # the op starts in the record's transaction
+            self._start_op(handle, key, call, now, now)
+        op = self.model.ops[key]
+        op.status, op.expires_at, op.result = (
             "SUCCEEDED",
-            canonical_json(results[-1]),
             now,
+            canonical_json(results[-1]),
         )
         if dst is not None and job.state != dst.value:
             self.model.change_state(handle.job_id, dst.value, handle.token, now)
+        if call.then_release:
+            assert self.model.release(handle.job_id, handle.owner, handle.token, now)
 
     # --- time
 
@@ -933,12 +1121,35 @@ class CoreMachine(RuleBasedStateMachine):
         """Wall time only: the fake clock's monotonic time never goes back (C14)."""
         self.clock.move_to(self.clock.wall() - seconds)
 
+    @rule(
+        handle=leases,
+        ahead=st.integers(1, 10),
+        back=st.integers(1, 20),
+        write=st.sampled_from(["renew", "op"]),
+    )
+    def write_ahead_then_clock_back(
+        self, handle: Handle, ahead: int, back: int, write: str
+    ) -> None:
+        """A write at a wall time above the highwater, then the wall clock back.
+
+        The write's time stays in the job's ``updated_at`` (a renew with TTL 0,
+        so the lease ends at that time) or the op's ``started_at`` (a STREAM
+        with op TTL 0 that crashes after its start), above every time a claim
+        saw; the rules that follow compare expiries with it.
+        """
+        self.advance_clock(ahead)
+        if write == "renew":
+            self.renew(handle, True, 0, False)
+        else:
+            self.effect(handle, True, "STREAM", "crash", 0, 0, "tracked")
+        self.move_clock_back(back)
+
     # --- the reconciler
 
     @rule(which=st.sampled_from(["leases", "ops", "all"]))
     def reconcile(self, which: str) -> None:
         cx = self.cx["reconciler"]
-        now = self.now()
+        now = self.model.see(self.clock.wall())
         if which == "leases":
             assert cleanup_stale_leases(cx) == self.model.cleanup_leases(now)
         elif which == "ops":
@@ -955,8 +1166,9 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def database_matches_model(self) -> None:
-        """Lease holders, tokens, states, ops and history are what the model says."""
+        """Lease holders, tokens, states, ops, history and highwater are the model's."""
         cx = self.cx["reconciler"]
+        assert self._highwater() == self.model.highwater
         jobs = {r["job_id"]: _job_row(r) for r in cx.execute("SELECT * FROM jobs")}
         assert jobs == {k: j.row() for k, j in self.model.jobs.items()}
         ops = {r["op_key"]: _op_row(r) for r in cx.execute("SELECT * FROM ops")}
@@ -978,7 +1190,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def history_keeps_the_invariants(self) -> None:
-        """I5, I6, I7 and I10, read from the database alone."""
+        """I1 (a failure's reason), I5, I6, I7 and I10, from the database alone."""
         assert check_invariants(self.cx["reconciler"]) == []
 
     @invariant()
@@ -999,6 +1211,7 @@ def _job_row(r: sqlite3.Row) -> dict[str, Any]:
         "lease_owner",
         "lease_until",
         "lease_token",
+        "updated_at",
     )
     return {**{k: r[k] for k in fields}, "has_reason": r["fail_reason"] is not None}
 
@@ -1006,7 +1219,7 @@ def _job_row(r: sqlite3.Row) -> dict[str, Any]:
 def _op_row(r: sqlite3.Row) -> dict[str, Any]:
     # Only a succeeded op's result counts: a restarted op keeps the bytes of its
     # earlier run in the row until it records again, and nothing reads them.
-    fields = ("job_id", "kind", "status", "token", "owner", "expires_at")
+    fields = ("job_id", "kind", "status", "token", "owner", "started_at", "expires_at")
     recorded = r["status"] == "SUCCEEDED" and r["result"] is not None
     return {
         **{k: r[k] for k in fields},
