@@ -346,6 +346,8 @@ def _leases(events: list[dict[str, Any]]) -> list[_Lease]:
             if h["event"] == "renew":
                 lease.end = max(lease.end, h["lease_until"]) if h["at"] < lease.end + EPS \
                     else lease.end
+            elif h["event"] == "state" and h["to_state"] == "FAILED":
+                lease.end = min(lease.end, h["at"])  # fail_job ends the lease
             elif h["event"] in ("release", "expire"):
                 # Only the end of a dead owner's leases comes with a reason; any
                 # other expiry before the lease's end took a live lease away.

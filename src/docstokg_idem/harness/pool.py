@@ -161,8 +161,8 @@ class WorkerPool:
     def start(self, index: int | None = None) -> None:
         """Start one worker (or every worker that is not running)."""
         for w in self._pick(index):
-            if w.alive:
-                continue
+            if w.process is not None and (w.alive or index is None):
+                continue  # running, or ran once: a dead slot comes back by restart()
             parent, child = self.ctx.Pipe()
             w.conn, w.exitcode, w.at, w.ready, w.holds_lock = parent, None, None, False, False
             w.process = self.ctx.Process(target=_child, args=(w.spec, child), daemon=True,
@@ -190,14 +190,33 @@ class WorkerPool:
         w = self.workers[index]
         if not w.alive:
             return
-        os.kill(w.process.pid, signal.SIGKILL)
+        try:
+            os.kill(w.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it exited on its own meanwhile
         self._reap(w)
 
     def pause(self, index: int) -> None:
-        os.kill(self.workers[index].process.pid, signal.SIGSTOP)
+        """SIGSTOP a worker (nothing happens if it already exited)."""
+        self._signal(index, signal.SIGSTOP)
 
     def resume(self, index: int) -> None:
-        os.kill(self.workers[index].process.pid, signal.SIGCONT)
+        """SIGCONT a paused worker (nothing happens if it already exited)."""
+        self._signal(index, signal.SIGCONT)
+
+    def _signal(self, index: int, sig: int) -> None:
+        w = self.workers[index]
+        if w.process is None:
+            raise RuntimeError(f"worker {w.owner} was never started")
+        try:
+            os.kill(w.process.pid, sig)
+        except ProcessLookupError:
+            self._reap(w)
+
+    def reap(self, index: int) -> int | None:
+        """Wait for a worker that is exiting and record its exit code."""
+        self._reap(self.workers[index])
+        return self.workers[index].exitcode
 
     def expire_dead_leases(self) -> int:
         """End the leases of every dead worker now (their processes were reaped)."""
