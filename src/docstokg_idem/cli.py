@@ -27,7 +27,7 @@ from .core import (
 )
 from .core.db import Connection, close
 from .core.jobs import counts
-from .core.telemetry import JsonLinesSink, add_sink
+from .core.telemetry import JsonLinesSink, LoggingSink, add_sink
 from .harness.checker import check
 from .pipeline.http import HttpConfig
 from .pipeline.legacy import download_untracked
@@ -92,9 +92,24 @@ def main(ctx: click.Context, db_path: str, out_dir: str, verbose: int, events: s
     """Exactly-once downloads of scholarly artifacts, and proof by crashing them."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:
+        add_sink(LoggingSink())
     if events:
+        events = os.path.abspath(events)
         add_sink(JsonLinesSink(events))
-    ctx.obj = {"db": db_path, "out": out_dir}
+    ctx.obj = {"db": db_path, "out": out_dir, "log_level": level if verbose else None,
+               "events": events}
+
+
+def _plan_rows(cx: Connection, plan_file: str, max_attempts: int = 5) -> tuple[int, int]:
+    """Plan a file's good rows; report its bad ones. Returns (new jobs, bad rows)."""
+    rows, errors = read_plan(plan_file)
+    for error in errors:
+        console.print(f"[yellow]bad row[/] {error}", soft_wrap=True)
+    before = cx.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    plan_jobs(cx, [r.as_dict() for r in rows], max_attempts=max_attempts)
+    after = cx.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    return after - before, len(errors)
 
 
 @main.command()
@@ -102,7 +117,7 @@ def main(ctx: click.Context, db_path: str, out_dir: str, verbose: int, events: s
 @click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="Attempts per job before it fails for good.")
 @click.pass_obj
-def plan(obj: dict[str, str], plan_file: str, max_attempts: int) -> None:
+def plan(obj: dict[str, Any], plan_file: str, max_attempts: int) -> None:
     """Plan the rows of PLAN_FILE (JSON lines or CSV: work_id, artifact_id, url[, sha256]).
 
     Bad rows are reported with their line number; good rows are planned anyway.
@@ -159,7 +174,7 @@ def _progress() -> Progress:
               show_default=True, help="FULL also survives power loss, at a cost.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 @click.pass_obj
-def run(obj: dict[str, str], workers: int, lease_ttl: float, idempotency: bool | None,
+def run(obj: dict[str, Any], workers: int, lease_ttl: float, idempotency: bool | None,
         require_idempotency: bool, plan_file: str | None, max_body_bytes: int, retries: int,
         per_host: int, synchronous: str, progress: bool | None) -> None:
     """Run worker processes until every planned job is finished.
@@ -170,9 +185,16 @@ def run(obj: dict[str, str], workers: int, lease_ttl: float, idempotency: bool |
         gate = idempotency_enabled(idempotency)
     out = ensure_writable(obj["out"])
     http = HttpConfig(max_body_bytes=max_body_bytes, retries=retries, per_host=per_host)
+    fallback = None
+    if gate and plan_file is None and not os.path.exists(obj["db"]):
+        fail(f"database {obj['db']!r} does not exist, so there are no planned jobs to run; "
+             f"plan them first (docstokg-idem --db {obj['db']} plan FILE), pass --plan FILE "
+             "to plan and run in one go, or pass the right --db")
     if gate:
         try:
             cx = connect(obj["db"], synchronous=synchronous)
+            if plan_file is not None:
+                _plan_rows(cx, plan_file)
             close(cx)
         except IdemError as exc:
             if require_idempotency:
@@ -180,12 +202,13 @@ def run(obj: dict[str, str], workers: int, lease_ttl: float, idempotency: bool |
             console.print(f"[yellow]warning:[/] database unusable ({exc}); downloading "
                           "untracked (gate-off behaviour). Pass --require-idempotency to fail "
                           "instead.", soft_wrap=True)
-            gate = False
+            gate, fallback = False, str(exc)
     if not gate:
-        _run_untracked(obj, out, plan_file, http, workers)
+        _run_untracked(obj, out, plan_file, http, workers, fallback)
         return
     template = WorkerConfig(out_dir=str(out), db_path=obj["db"], lease_ttl_s=lease_ttl,
-                            http=http, synchronous=synchronous)
+                            http=http, synchronous=synchronous,
+                            log_level=obj.get("log_level"), events_path=obj.get("events"))
     show = sys.stderr.isatty() if progress is None else progress
     with clear_errors():
         if show:
@@ -198,10 +221,18 @@ def run(obj: dict[str, str], workers: int, lease_ttl: float, idempotency: bool |
     _print_run(result)
     if result.interrupted:
         sys.exit(130)
+    failed = result.final_counts.get("states", {}).get("FAILED_FINAL", 0)
+    if failed:
+        console.print(f"{failed} jobs failed for good; `docstokg-idem status` lists them "
+                      "with their reasons", soft_wrap=True)
+        sys.exit(1)
 
 
-def _run_untracked(obj: dict[str, str], out: Path, plan_file: str | None, http: HttpConfig,
-                   workers: int) -> None:
+def _run_untracked(obj: dict[str, Any], out: Path, plan_file: str | None, http: HttpConfig,
+                   workers: int, fallback: str | None = None) -> None:
+    if plan_file is None and fallback is not None:
+        fail("the database is unusable, and an untracked download needs its rows from a "
+             "plan file: pass --plan FILE, or fix --db (see the warning above)")
     if plan_file is None:
         fail(f"idempotency is off ({GATE_ENV} unset or false), so jobs are not read from "
              "the database: pass --plan FILE to download its rows untracked, or "
@@ -314,7 +345,9 @@ def verify(obj: dict[str, str], as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--seed", default=0, show_default=True, help="Makes the run repeatable.")
+@click.option("--seed", default=0, show_default=True,
+              help="Fixes the artifacts, the origin's faults and the crash plan; when "
+                   "each kill lands still depends on how the processes are scheduled.")
 @click.option("--jobs", default=200, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option("--crashes", default=8, show_default=True, type=click.IntRange(0, 1000),
@@ -343,7 +376,14 @@ def demo(seed: int, jobs: int, workers: int, crashes: int, demo_out: str | None,
                               out_dir=demo_out)
     for line in report.lines():
         out_console.print(line)
-    out_console.print(f"files and database in {report.out_dir}")
+    if demo_out:
+        out_console.print(f"files and database in {report.out_dir}")
+    elif report.check.ok:
+        import shutil
+
+        shutil.rmtree(report.out_dir, ignore_errors=True)
+    else:
+        out_console.print(f"files and database kept for inspection in {report.out_dir}")
     if not report.check.ok:
         out_console.print(str(report.check), soft_wrap=True)
         sys.exit(1)

@@ -212,7 +212,8 @@ def test_status_json_has_counts_leases_and_failures(
         "next_retry_at": None,
         "failures": [],
     }
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 1, ran.stderr  # one job failed for good
+    assert "1 jobs failed for good" in ran.stderr
     assert {k: status[k] for k in ("total", "finished", "states", "leases_live")} == {
         "total": 3,
         "finished": 3,
@@ -599,3 +600,16 @@ def test_demo_reports_no_duplicates_and_nothing_lost(tmp_path: Path) -> None:
     assert (lines["jobs"], lines["duplicates"], lines["lost"]) == ("30", "0", "0")
     assert re.search(r"^crashes injected +3 ", done.stdout, re.M)
     assert re.search(r"^invariants +all hold$", done.stdout, re.M)
+
+
+def test_run_without_a_database_says_to_plan_first(tmp_path: Path) -> None:
+    """`run --idempotency` on a missing database fails in one line instead of running 0 jobs."""
+    result = subprocess.run(
+        [sys.executable, "-m", "docstokg_idem.cli", "--db", str(tmp_path / "nope.db"),
+         "--out", str(tmp_path / "out"), "run", "--idempotency", "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "plan" in result.stderr
+    assert not (tmp_path / "nope.db").exists()

@@ -204,11 +204,12 @@ def test_logging_sink_writes_one_line_per_event(
     (record,) = [r for r in caplog.records if r.name == "docstokg_idem"]
     message = record.getMessage()
     assert message.startswith("leased ")
-    assert f"job={job}" in message
+    assert f"job={job[:12]} " in message
     assert " token=1 " in message
     assert " state=LEASED " in message
     assert " owner=w1 " in message
     assert "\n" not in message
+    assert record.action == "leased"  # a structured field for log processors
     assert record.levelno == logging.INFO
 
 

@@ -319,7 +319,7 @@ def _atomic(
     if replayed:
         return _replayed(cx, job_id, kind, ident, raw)
     crashpoint("op.after_record")
-    _completed(job_id, kind, ident, None)
+    _completed(job_id, kind, ident, then[0] if then else None)
     return _decode(raw)
 
 

@@ -49,10 +49,23 @@ class LoggingSink:
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.log.isEnabledFor(self.level):
             return
-        fields = " ".join(f"{k}={v}" for k, v in event.items() if k != "action")
-        self.log.log(
-            self.level, "%s %s", event["action"], fields, extra={"action": event}
+        fields = " ".join(
+            f"{k}={_short(k, v)}"
+            for k, v in event.items()
+            if k not in ("action", "pid") and v is not None
         )
+        self.log.log(
+            self.level,
+            "%s %s",
+            event["action"],
+            fields,
+            extra={"action": event["action"], "event": event},
+        )
+
+
+def _short(key: str, value: Any) -> Any:
+    """Job keys are 64 hex digits; 12 name a job in a log line."""
+    return value[:12] if key == "job" and isinstance(value, str) else value
 
 
 class JsonLinesSink:

@@ -927,6 +927,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with Origin(artifacts, seed=args.seed, port=args.port, log=log) as origin:
         print(origin.base_url, flush=True)
+        names = origin.names()
+        shown = ", ".join(origin.url(n) for n in names[:2])
+        print(f"serving {len(names)} artifacts: {shown}{', …' if len(names) > 2 else ''} "
+              f"(all of them: {origin.base_url}/_manifest)", file=sys.stderr, flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

@@ -56,12 +56,26 @@ class RunResult:
 
 
 def _worker_main(config: WorkerConfig, faults: list[dict[str, Any]], stats_path: str) -> None:
+    _observe(config)
     stop = threading.Event()
     install_stop_signals(stop)
     if faults:
         arm(faults, worker=config.owner)
     stats = run_worker(config, stop)
     Path(stats_path).write_text(json.dumps(stats.as_dict()))
+
+
+def _observe(config: WorkerConfig) -> None:
+    """Give a worker process the logging and event sinks its parent was asked for."""
+    from ..core.telemetry import JsonLinesSink, LoggingSink, add_sink
+
+    if config.log_level is not None:
+        logging.basicConfig(level=config.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if config.log_level <= logging.INFO:
+            add_sink(LoggingSink())
+    if config.events_path:
+        add_sink(JsonLinesSink(config.events_path))
 
 
 @dataclass
@@ -172,8 +186,10 @@ class Supervisor:
         self._collect(slot, result)
         if code == 0:
             return
-        result.crashes += 1
         ended = expire_owner_leases(cx, owner=slot.owner, why=f"worker exited with {code}")
+        if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT, 1):
+            return  # asked to stop before its handler was in place: not a crash
+        result.crashes += 1
         log.warning("worker owner=%s pid=%s exited with %s; ended %d of its leases",
                     slot.owner, proc.pid, code, ended)
         if self.stopping or result.restarts >= self.max_restarts:

@@ -89,6 +89,10 @@ class WorkerConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     max_jobs: int | None = None
     synchronous: str = "NORMAL"
+    #: log level of the worker process (None: leave logging as it is)
+    log_level: int | None = None
+    #: append every telemetry event of the worker to this JSON-lines file
+    events_path: str | None = None
 
     @property
     def renew_every(self) -> float:
