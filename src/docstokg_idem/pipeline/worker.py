@@ -311,8 +311,9 @@ class Worker:
 
     def _remove_stale_parts(self, own: Path) -> None:
         """Remove part files of this job's older tokens: this lease holds the job now."""
-        for other in self.out.glob(f"{self.lease.job_id}.*.part"):
-            if other != own:
+        for token in range(1, self.lease.token):  # tokens of a job count up from 1
+            other = self.out / part_name(self.lease.job_id, token)
+            if other != own and other.exists():
                 other.unlink(missing_ok=True)
                 log.info("removed stale part job=%s token=%s file=%s",
                          self.lease.job_id[:12], self.lease.token, other.name)
