@@ -51,6 +51,11 @@ class DemoReport:
     def bytes_redownloaded(self) -> int:
         return max(0, self.bytes_served - self.bytes_published)
 
+    def _verdict(self) -> str:
+        return (
+            "all hold" if self.check.ok else ", ".join(self.check.broken()) + " BROKEN"
+        )
+
     def lines(self) -> list[str]:
         return [
             f"jobs                 {self.jobs}",
@@ -63,7 +68,7 @@ class DemoReport:
             f"lost                 {self.lost}",
             f"failed (final)       {self.failed}",
             f"elapsed              {self.elapsed_s:.1f} s",
-            f"invariants           {'all hold' if self.check.ok else ', '.join(self.check.broken()) + ' BROKEN'}",
+            f"invariants           {self._verdict()}",
         ]
 
 
@@ -88,7 +93,9 @@ def _faults(rng: random.Random, names: list[str]) -> dict[str, Fault]:
         if kind == 0:
             faults[name] = Fault(status=503, status_times=2, retry_after=0)
         elif kind == 1:
-            faults[name] = Fault(status=429, status_times=1, retry_after=0, status_methods={"GET"})
+            faults[name] = Fault(
+                status=429, status_times=1, retry_after=0, status_methods={"GET"}
+            )
         elif kind == 2:
             faults[name] = Fault(truncate_at=3000)
         elif kind == 3:
@@ -105,13 +112,16 @@ def _faults(rng: random.Random, names: list[str]) -> dict[str, Fault]:
 _RARE = frozenset({"renew.before", "state.after_commit", "release.before"})
 
 
-def _crash_plan(rng: random.Random, crashes: int, jobs_per_worker: int
-                ) -> Callable[[int, int], list[dict[str, Any]]]:
+def _crash_plan(
+    rng: random.Random, crashes: int, jobs_per_worker: int
+) -> Callable[[int, int], list[dict[str, Any]]]:
     """Faults for successive workers, spread over the run by their hit numbers."""
     points = sorted(set(CRASH_POINTS) - _RARE)
     spread = max(2, jobs_per_worker // 2)
-    queue = [{"point": rng.choice(points), "action": "kill", "hit": rng.randint(1, spread)}
-             for _ in range(crashes)]
+    queue = [
+        {"point": rng.choice(points), "action": "kill", "hit": rng.randint(1, spread)}
+        for _ in range(crashes)
+    ]
 
     def plan(slot: int, generation: int) -> list[dict[str, Any]]:
         return [queue.pop(0)] if queue else []
@@ -139,41 +149,85 @@ def run_demo(
     names = [f"art-{i:04d}.pdf" for i in range(jobs)]
     sizes = _sizes(rng, jobs)
     started = time.monotonic()
-    with Origin(dict(zip(names, sizes)), seed=seed, faults=_faults(rng, names)) as origin:
+    with Origin(
+        dict(zip(names, sizes, strict=True)), seed=seed, faults=_faults(rng, names)
+    ) as origin:
         cx = connect(db_path)
         try:
-            rows = [{"work_id": f"W{i // 3:04d}", "artifact_id": name, "url": origin.url(name)}
-                    for i, name in enumerate(names)]
+            rows = [
+                {
+                    "work_id": f"W{i // 3:04d}",
+                    "artifact_id": name,
+                    "url": origin.url(name),
+                }
+                for i, name in enumerate(names)
+            ]
             ids = plan_jobs(cx, rows)
             plan = _crash_plan(rng, crashes, max(1, jobs // workers))
-            template = WorkerConfig(out_dir=str(out), db_path=str(db_path), lease_ttl_s=30.0,
-                                    progress_every_bytes=128 * KIB,
-                                    http=HttpConfig(backoff_s=0.05, retries=4))
-            run = Supervisor(template, workers=workers, faults=plan, on_tick=on_tick,
-                             start_method=start_method).run()
+            template = WorkerConfig(
+                out_dir=str(out),
+                db_path=str(db_path),
+                lease_ttl_s=30.0,
+                progress_every_bytes=128 * KIB,
+                http=HttpConfig(backoff_s=0.05, retries=4),
+            )
+            run = Supervisor(
+                template,
+                workers=workers,
+                faults=plan,
+                on_tick=on_tick,
+                start_method=start_method,
+            ).run()
             reconcile_jobs(cx, out)
             expected = {}
-            for job_id, name in zip(ids, names):
+            for job_id, name in zip(ids, names, strict=True):
                 want = origin.expected(name)
-                expected[job_id] = Expected(want.size, want.sha256,
-                                            origin.counters(name)["full_gets"], want.version)
+                expected[job_id] = Expected(
+                    want.size,
+                    want.sha256,
+                    origin.counters(name)["full_gets"],
+                    want.version,
+                )
             served = origin.total_counters()["bytes_sent"]
-            reruns = cx.execute("SELECT coalesce(sum(runs - 1), 0) FROM ops").fetchone()[0]
-            published = cx.execute("SELECT coalesce(sum(size), 0), count(*) FROM manifest").fetchone()
-            failed = cx.execute("SELECT count(*) FROM jobs WHERE state = 'FAILED'").fetchone()[0]
+            reruns = cx.execute(
+                "SELECT coalesce(sum(runs - 1), 0) FROM ops"
+            ).fetchone()[0]
+            published = cx.execute(
+                "SELECT coalesce(sum(size), 0), count(*) FROM manifest"
+            ).fetchone()
+            failed = cx.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'FAILED'"
+            ).fetchone()[0]
         finally:
             close(cx)
     report = check(db_path, out, expected=expected)
-    duplicates = sum(1 for v in report.violations
-                     if v.invariant in ("I2", "I3", "I4", "I6") and not v.lost)
+    duplicates = sum(
+        1
+        for v in report.violations
+        if v.invariant in ("I2", "I3", "I4", "I6") and not v.lost
+    )
     lost = sum(len(v.rows) for v in report.violations if v.invariant == "I1" or v.lost)
-    crash_points = [point for owner, code in run.exits if code and code < 0
-                    for point in run.armed.get(owner, [])]
+    crash_points = [
+        point
+        for owner, code in run.exits
+        if code and code < 0
+        for point in run.armed.get(owner, [])
+    ]
     return DemoReport(
-        jobs=len(ids), crashes_planned=crashes, crashes=run.crashes, crash_points=crash_points,
-        effects_rerun=int(reruns), bytes_served=int(served), bytes_published=int(published[0]),
-        duplicates=duplicates, lost=lost, failed=int(failed),
-        elapsed_s=time.monotonic() - started, check=report, out_dir=str(root), run=run,
+        jobs=len(ids),
+        crashes_planned=crashes,
+        crashes=run.crashes,
+        crash_points=crash_points,
+        effects_rerun=int(reruns),
+        bytes_served=int(served),
+        bytes_published=int(published[0]),
+        duplicates=duplicates,
+        lost=lost,
+        failed=int(failed),
+        elapsed_s=time.monotonic() - started,
+        check=report,
+        out_dir=str(root),
+        run=run,
     )
 
 

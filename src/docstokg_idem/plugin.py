@@ -28,20 +28,53 @@ _settings = pytest.StashKey[dict[str, Any]]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("docstokg_idem", "docstokg-idem exactly-once chaos harness")
     options = [
-        ("--idem-profile", "idem_profile", "Hypothesis profile: ci (fast) or nightly.", "ci"),
-        ("--idem-seed", "idem_seed", "Seed of the origin's content and the demo data.", "0"),
-        ("--idem-replay", "idem_replay", "Replay this schedule (JSON) in interleaving tests.",
-         None),
-        ("--idem-write-failures", "idem_write_failures",
-         "Write each minimal failing schedule as a YAML scenario into this folder.", None),
-        ("--idem-report", "idem_report", "Write an HTML report with timelines here.", None),
-        ("--idem-min-coverage", "idem_min_coverage",
-         "Fail the run if fewer crash points than this fraction (0-1) were exercised.", None),
-        ("--idem-scenarios", "idem_scenarios",
-         "Glob of crash scenario files to collect.", "scenarios/**/*.yaml"),
+        (
+            "--idem-profile",
+            "idem_profile",
+            "Hypothesis profile: ci (fast) or nightly.",
+            "ci",
+        ),
+        (
+            "--idem-seed",
+            "idem_seed",
+            "Seed of the origin's content and the demo data.",
+            "0",
+        ),
+        (
+            "--idem-replay",
+            "idem_replay",
+            "Replay this schedule (JSON) in interleaving tests.",
+            None,
+        ),
+        (
+            "--idem-write-failures",
+            "idem_write_failures",
+            "Write each minimal failing schedule as a YAML scenario into this folder.",
+            None,
+        ),
+        (
+            "--idem-report",
+            "idem_report",
+            "Write an HTML report with timelines here.",
+            None,
+        ),
+        (
+            "--idem-min-coverage",
+            "idem_min_coverage",
+            "Fail the run if fewer crash points than this fraction (0-1) were exercised.",
+            None,
+        ),
+        (
+            "--idem-scenarios",
+            "idem_scenarios",
+            "Glob of crash scenario files to collect.",
+            "scenarios/**/*.yaml",
+        ),
     ]
     for flag, name, help_text, default in options:
-        group.addoption(flag, dest=name, default=None, help=f"{help_text} (ini: {name})")
+        group.addoption(
+            flag, dest=name, default=None, help=f"{help_text} (ini: {name})"
+        )
         parser.addini(name, help_text, default=default)
 
 
@@ -51,19 +84,26 @@ def _option(config: pytest.Config, name: str) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "idem_gate_both: run the test with the idempotency "
-                            "gate on and again with it off")
-    config.addinivalue_line("markers", "nightly: runs only under --idem-profile=nightly")
+    config.addinivalue_line(
+        "markers",
+        "idem_gate_both: run the test with the idempotency "
+        "gate on and again with it off",
+    )
+    config.addinivalue_line(
+        "markers", "nightly: runs only under --idem-profile=nightly"
+    )
     config.addinivalue_line("markers", "chaos: kills real worker processes")
     profile = _option(config, "idem_profile")
     if profile not in PROFILES:
         raise pytest.UsageError(
-            f"--idem-profile={profile!r} is not a profile; use one of {', '.join(PROFILES)}")
+            f"--idem-profile={profile!r} is not a profile; use one of {', '.join(PROFILES)}"
+        )
     try:
         seed = int(_option(config, "idem_seed"))
     except ValueError:
         raise pytest.UsageError(
-            f"--idem-seed={_option(config, 'idem_seed')!r} must be an integer") from None
+            f"--idem-seed={_option(config, 'idem_seed')!r} must be an integer"
+        ) from None
     replay = _option(config, "idem_replay")
     if replay:
         try:
@@ -78,29 +118,52 @@ def _parse_replay(text: str) -> list[list[Any]]:
     try:
         schedule = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--idem-replay={text!r} is not JSON ({exc.msg}); pass the schedule "
-                         "printed by the failing test, e.g. '[[\"run\", 0], [\"kill\", 0]]'"
-                         ) from None
+        raise ValueError(
+            f"--idem-replay={text!r} is not JSON ({exc.msg}); pass the schedule "
+            'printed by the failing test, e.g. \'[["run", 0], ["kill", 0]]\''
+        ) from None
     if not isinstance(schedule, list) or not all(
-            isinstance(s, list) and len(s) == 2 and s[0] in ("run", "kill", "clock", "restart")
-            for s in schedule):
-        raise ValueError(f"--idem-replay={text!r} must be a list of [kind, n] steps with kind "
-                         "run, kill, clock or restart")
+        isinstance(s, list)
+        and len(s) == 2
+        and s[0] in ("run", "kill", "clock", "restart")
+        for s in schedule
+    ):
+        raise ValueError(
+            f"--idem-replay={text!r} must be a list of [kind, n] steps with kind "
+            "run, kill, clock or restart"
+        )
     return schedule
 
 
 def _register_profiles(active: str, *, replay: bool = False) -> None:
     from hypothesis import HealthCheck, Phase, settings
 
-    slow = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-            HealthCheck.data_too_large]
-    settings.register_profile("ci", max_examples=15, deadline=None, suppress_health_check=slow,
-                              stateful_step_count=30)
-    settings.register_profile("nightly", max_examples=400, deadline=None,
-                              suppress_health_check=slow, stateful_step_count=100)
+    slow = [
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ]
+    settings.register_profile(
+        "ci",
+        max_examples=15,
+        deadline=None,
+        suppress_health_check=slow,
+        stateful_step_count=30,
+    )
+    settings.register_profile(
+        "nightly",
+        max_examples=400,
+        deadline=None,
+        suppress_health_check=slow,
+        stateful_step_count=100,
+    )
     if replay:  # one example, the replayed schedule: nothing to search or shrink
-        settings.register_profile("idem-replay", parent=settings.get_profile(active),
-                                  max_examples=1, phases=[Phase.explicit, Phase.generate])
+        settings.register_profile(
+            "idem-replay",
+            parent=settings.get_profile(active),
+            max_examples=1,
+            phases=[Phase.explicit, Phase.generate],
+        )
         active = "idem-replay"
     settings.load_profile(active)
 
@@ -111,7 +174,9 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"docstokg-idem: profile {s['profile']}, seed {s['seed']}{replay}"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     if config.stash[_settings]["profile"] == "nightly":
         return
     skip = pytest.mark.skip(reason="nightly test: run with --idem-profile=nightly")
@@ -123,17 +188,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("idem_gate_both"):
         metafunc.fixturenames.append("_idem_gate_value")
-        metafunc.parametrize("_idem_gate_value", [True, False], ids=["gate-on", "gate-off"])
+        metafunc.parametrize(
+            "_idem_gate_value", [True, False], ids=["gate-on", "gate-off"]
+        )
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[Any]:
     report = yield
     if report.when == "call" and report.failed:
         for outcome in item.stash.get(_outcomes, [])[-1:]:
             if not outcome.ok:
-                report.sections.append(("docstokg-idem schedule and timeline",
-                                        outcome.describe()))
+                report.sections.append(
+                    ("docstokg-idem schedule and timeline", outcome.describe())
+                )
     return report
 
 
@@ -141,7 +211,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(name="idem_db_factory")
-def _idem_db_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+def _idem_db_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Any]]:
     """Make a fresh file-backed WAL database with the schema (one per call)."""
     from .core import connect
     from .core.db import close
@@ -181,7 +253,9 @@ def _feature_gate(monkeypatch: pytest.MonkeyPatch) -> FeatureGate:
     """Set the idempotency gate for this test and the processes it starts."""
     from .harness import FeatureGate
 
-    return FeatureGate(monkeypatch.setenv, lambda k: monkeypatch.delenv(k, raising=False))
+    return FeatureGate(
+        monkeypatch.setenv, lambda k: monkeypatch.delenv(k, raising=False)
+    )
 
 
 @pytest.fixture(name="feature_gate_enabled")
@@ -209,13 +283,16 @@ def _idem_gate_both(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(name="fake_clock")
-def _fake_clock(tmp_path_factory: pytest.TempPathFactory,
-                monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+def _fake_clock(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeClock]:
     """A fake clock shared with worker processes; freezegun for this process."""
     from .core.clock import CLOCK_FILE_ENV
     from .harness import FakeClock
 
-    clock = FakeClock(tmp_path_factory.mktemp("idem-clock") / "clock", start=1_700_000_000.0)
+    clock = FakeClock(
+        tmp_path_factory.mktemp("idem-clock") / "clock", start=1_700_000_000.0
+    )
     monkeypatch.setenv(CLOCK_FILE_ENV, clock.path)
     clock.start()
     yield clock
@@ -243,14 +320,21 @@ def _fault_injector() -> Iterator[FaultInjector]:
 
 
 @pytest.fixture(name="worker_pool")
-def _worker_pool(tmp_path: Path, fault_injector: FaultInjector) -> Iterator[Callable[..., Any]]:
+def _worker_pool(
+    tmp_path: Path, fault_injector: FaultInjector
+) -> Iterator[Callable[..., Any]]:
     """Start N real worker processes over a database: ``worker_pool(db, workers=2)``."""
     from .harness import WorkerPool
 
     pools: list[WorkerPool] = []
 
-    def make(db: Any, *, workers: int = 2, out_dir: str | os.PathLike[str] | None = None,
-             **kwargs: Any) -> WorkerPool:
+    def make(
+        db: Any,
+        *,
+        workers: int = 2,
+        out_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> WorkerPool:
         path = getattr(db, "db_path", db)
         out = out_dir or tmp_path / "files"
         clock_file = os.environ.get("DOCSTOKG_IDEM_CLOCK_FILE")
@@ -260,8 +344,14 @@ def _worker_pool(tmp_path: Path, fault_injector: FaultInjector) -> Iterator[Call
 
             clock = SharedClock(clock_file)
         kwargs.setdefault("faults", fault_injector.by_index(workers))
-        pool = WorkerPool(path, out, workers=workers, clock=getattr(clock, "shared", clock),
-                          log_dir=tmp_path / "worker-logs", **kwargs)
+        pool = WorkerPool(
+            path,
+            out,
+            workers=workers,
+            clock=getattr(clock, "shared", clock),
+            log_dir=tmp_path / "worker-logs",
+            **kwargs,
+        )
         pools.append(pool)
         return pool
 
@@ -279,15 +369,18 @@ def _exactly_once(request: pytest.FixtureRequest) -> Callable[..., Any]:
         path = getattr(db, "db_path", db)
         report = check(path, out_dir, **kwargs)
         if not report.ok:
-            pytest.fail(f"{report}\n\ntimeline per worker:\n{timeline(path)}", pytrace=False)
+            pytest.fail(
+                f"{report}\n\ntimeline per worker:\n{timeline(path)}", pytrace=False
+            )
         return report
 
     return verify
 
 
 @pytest.fixture(name="idem_interleave")
-def _idem_interleave(request: pytest.FixtureRequest,
-                     tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Outcome]:
+def _idem_interleave(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Outcome]:
     """Play a schedule over real workers and check it: ``idem_interleave(schedule, world)``.
 
     Fails with the schedule, the violated invariants, the timeline and a
@@ -298,22 +391,30 @@ def _idem_interleave(request: pytest.FixtureRequest,
     settings = request.config.stash[_settings]
     seen: dict[str, list[Any]] = {}
 
-    def play(schedule: list[list[Any]], world: World | None = None, *,
-             expect_ok: bool = True) -> Outcome:
+    def play(
+        schedule: list[list[Any]], world: World | None = None, *, expect_ok: bool = True
+    ) -> Outcome:
         if settings["replay"] is not None:
             schedule = settings["replay"]
         world = world or World(seed=settings["seed"])
-        outcome = run_schedule(schedule, world, workdir=tmp_path_factory.mktemp("sched"))
+        outcome = run_schedule(
+            schedule, world, workdir=tmp_path_factory.mktemp("sched")
+        )
         request.node.stash.setdefault(_outcomes, []).append(outcome)
         key = json.dumps(schedule)
         if key in seen and seen[key] != outcome.trace:
-            pytest.fail(f"schedule {key} replayed to a different trace:\n  first: "
-                        f"{seen[key]}\n  again: {outcome.trace}", pytrace=False)
+            pytest.fail(
+                f"schedule {key} replayed to a different trace:\n  first: "
+                f"{seen[key]}\n  again: {outcome.trace}",
+                pytrace=False,
+            )
         seen[key] = outcome.trace
         if expect_ok and not outcome.ok:
             error = AssertionError(outcome.describe())
-            error.add_note(f"replay: pytest -p docstokg_idem '{request.node.nodeid}' "
-                           f"--idem-replay='{key}'")
+            error.add_note(
+                f"replay: pytest -p docstokg_idem '{request.node.nodeid}' "
+                f"--idem-replay='{key}'"
+            )
             raise error
         return outcome
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json as _json
 import ipaddress
+import json as _json
 import math
 import re
 import reprlib

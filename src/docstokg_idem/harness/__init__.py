@@ -11,12 +11,23 @@ import importlib
 from typing import Any
 
 _NAMES = {
-    "INVARIANTS": "checker", "Expected": "checker", "Report": "checker",
-    "Violation": "checker", "check": "checker", "check_gate_off": "checker",
-    "timeline": "checker", "FakeClock": "control", "FaultInjector": "control",
-    "FeatureGate": "control", "SchedulerStuck": "pool", "WorkerPool": "pool",
-    "Outcome": "schedule", "World": "schedule", "run_schedule": "schedule",
-    "schedules": "strategies", "steps": "strategies",
+    "INVARIANTS": "checker",
+    "Expected": "checker",
+    "Report": "checker",
+    "Violation": "checker",
+    "check": "checker",
+    "check_gate_off": "checker",
+    "timeline": "checker",
+    "FakeClock": "control",
+    "FaultInjector": "control",
+    "FeatureGate": "control",
+    "SchedulerStuck": "pool",
+    "WorkerPool": "pool",
+    "Outcome": "schedule",
+    "World": "schedule",
+    "run_schedule": "schedule",
+    "schedules": "strategies",
+    "steps": "strategies",
 }
 
 __all__ = sorted(_NAMES)
@@ -25,5 +36,7 @@ __all__ = sorted(_NAMES)
 def __getattr__(name: str) -> Any:
     module = _NAMES.get(name)
     if module is None:
-        raise AttributeError(f"module 'docstokg_idem.harness' has no attribute {name!r}")
+        raise AttributeError(
+            f"module 'docstokg_idem.harness' has no attribute {name!r}"
+        )
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)

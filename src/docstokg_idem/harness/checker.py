@@ -49,8 +49,10 @@ class Violation:
 
     def __str__(self) -> str:
         head = f"{self.invariant} ({INVARIANTS[self.invariant]}): {self.message}"
-        shown = "".join(f"\n      {json.dumps(r, default=str, sort_keys=True)}"
-                        for r in self.rows[:8])
+        shown = "".join(
+            f"\n      {json.dumps(r, default=str, sort_keys=True)}"
+            for r in self.rows[:8]
+        )
         more = f"\n      … {len(self.rows) - 8} more rows" if len(self.rows) > 8 else ""
         return head + shown + more
 
@@ -83,8 +85,10 @@ class Report:
     def __str__(self) -> str:
         if self.ok:
             return f"exactly-once: {self.jobs} jobs, {', '.join(self.checked)} hold"
-        lines = [f"exactly-once: {len(self.violations)} violations of "
-                 f"{', '.join(self.broken())} over {self.jobs} jobs"]
+        lines = [
+            f"exactly-once: {len(self.violations)} violations of "
+            f"{', '.join(self.broken())} over {self.jobs} jobs"
+        ]
         lines += [f"  - {v}" for v in self.violations]
         return "\n".join(lines)
 
@@ -111,13 +115,19 @@ def check(
     """Check every invariant that the database and folder can show."""
     cx = open_readonly(db_path)
     try:
-        return _check(cx, Path(out_dir), expected or {}, after_reconcile, now, set(skip))
+        return _check(
+            cx, Path(out_dir), expected or {}, after_reconcile, now, set(skip)
+        )
     finally:
         cx.close()
 
 
-def check_gate_off(db_path: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
-                   *, expected: Mapping[str, Expected] | None = None) -> Report:
+def check_gate_off(
+    db_path: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    expected: Mapping[str, Expected] | None = None,
+) -> Report:
     """I11: with the gate off the job and op tables are empty; files still whole."""
     report = Report(checked=["I11", "I2"])
     if db_path is not None and Path(db_path).exists():
@@ -128,27 +138,46 @@ def check_gate_off(db_path: str | os.PathLike[str] | None, out_dir: str | os.Pat
                 if table in tables:
                     n = cx.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                     if n:
-                        report.violations.append(Violation(
-                            "I11", f"gate off, yet table {table} has {n} rows"))
+                        report.violations.append(
+                            Violation(
+                                "I11", f"gate off, yet table {table} has {n} rows"
+                            )
+                        )
         finally:
             cx.close()
     parts = list_parts(out_dir)
     if parts:
-        report.violations.append(Violation("I2", "gate off left part files", tuple(
-            {"part": p.name} for p, _, _ in parts)))
+        report.violations.append(
+            Violation(
+                "I2",
+                "gate off left part files",
+                tuple({"part": p.name} for p, _, _ in parts),
+            )
+        )
     for job_id, path in list_finals(out_dir).items():
         want = (expected or {}).get(job_id)
         if want is not None:
             digest, size = sha256_file(path)
             if (digest, size) != (want.sha256, want.size):
-                report.violations.append(Violation("I2", f"{path.name} differs from the origin",
-                                                   ({"sha256": digest, "size": size},)))
+                report.violations.append(
+                    Violation(
+                        "I2",
+                        f"{path.name} differs from the origin",
+                        ({"sha256": digest, "size": size},),
+                    )
+                )
     report.jobs = len(list_finals(out_dir))
     return report
 
 
-def _check(cx: sqlite3.Connection, out: Path, expected: Mapping[str, Expected],
-           after_reconcile: bool, now: float | None, skip: set[str]) -> Report:
+def _check(
+    cx: sqlite3.Connection,
+    out: Path,
+    expected: Mapping[str, Expected],
+    after_reconcile: bool,
+    now: float | None,
+    skip: set[str],
+) -> Report:
     report = Report()
     jobs = {j["job_id"]: j for j in _rows(cx, "SELECT * FROM jobs")}
     report.jobs = len(jobs)
@@ -159,7 +188,9 @@ def _check(cx: sqlite3.Connection, out: Path, expected: Mapping[str, Expected],
     manifest = {m["job_id"]: m for m in _rows(cx, "SELECT * FROM manifest")}
     finals = list_finals(out)
     if now is None:
-        meta = cx.execute("SELECT value FROM meta WHERE key = 'wall_highwater'").fetchone()
+        meta = cx.execute(
+            "SELECT value FROM meta WHERE key = 'wall_highwater'"
+        ).fetchone()
         now = float(meta[0]) if meta else 0.0
     leases = {job_id: _leases(h) for job_id, h in hist.items()}
 
@@ -195,26 +226,50 @@ def _i1(jobs: Mapping[str, dict[str, Any]], now: float) -> list[Violation]:
     lost = [j for j in jobs.values() if not _terminal(j)]
     if not lost:
         return []
-    return [Violation("I1", f"{len(lost)} planned jobs are not terminal after recovery",
-                      tuple(_brief(j) for j in lost))]
+    return [
+        Violation(
+            "I1",
+            f"{len(lost)} planned jobs are not terminal after recovery",
+            tuple(_brief(j) for j in lost),
+        )
+    ]
 
 
 def _brief(job: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("job_id", "state", "lease_owner", "lease_until", "lease_token", "attempts",
-            "fail_reason")
+    keys = (
+        "job_id",
+        "state",
+        "lease_owner",
+        "lease_until",
+        "lease_token",
+        "attempts",
+        "fail_reason",
+    )
     return {k: job[k] for k in keys if k in job}
 
 
-def _i2(jobs: Mapping[str, dict[str, Any]], finals: Mapping[str, Path],
-        expected: Mapping[str, Expected]) -> list[Violation]:
+def _i2(
+    jobs: Mapping[str, dict[str, Any]],
+    finals: Mapping[str, Path],
+    expected: Mapping[str, Expected],
+) -> list[Violation]:
     out = []
-    published = {JobState.FINALIZED.value, JobState.INDEXED.value, JobState.DEDUPED.value}
+    published = {
+        JobState.FINALIZED.value,
+        JobState.INDEXED.value,
+        JobState.DEDUPED.value,
+    }
     for job_id, job in jobs.items():
         path = finals.get(job_id)
         if job["state"] in published:
             if path is None:
-                out.append(Violation("I2", f"job {job_id[:12]} is {job['state']} but has no "
-                                           "final file", (_brief(job),)))
+                out.append(
+                    Violation(
+                        "I2",
+                        f"job {job_id[:12]} is {job['state']} but has no final file",
+                        (_brief(job),),
+                    )
+                )
                 continue
             digest, size = sha256_file(path)
             want = expected.get(job_id)
@@ -224,23 +279,45 @@ def _i2(jobs: Mapping[str, dict[str, Any]], finals: Mapping[str, Path],
             if job["expected_sha256"]:
                 ok = ok and digest == job["expected_sha256"]
             if not ok:
-                out.append(Violation("I2", f"final file {path.name} does not match what the "
-                                           "origin served", (
-                    {"file_sha256": digest, "file_size": size, "recorded_sha256": job["sha256"],
-                     "recorded_size": job["size"],
-                     "origin_sha256": want.sha256 if want else None,
-                     "origin_size": want.size if want else None},)))
+                out.append(
+                    Violation(
+                        "I2",
+                        f"final file {path.name} does not match what the origin served",
+                        (
+                            {
+                                "file_sha256": digest,
+                                "file_size": size,
+                                "recorded_sha256": job["sha256"],
+                                "recorded_size": job["size"],
+                                "origin_sha256": want.sha256 if want else None,
+                                "origin_size": want.size if want else None,
+                            },
+                        ),
+                    )
+                )
         elif path is not None:
-            out.append(Violation("I2", f"final file {path.name} exists for job {job_id[:12]} "
-                                       f"in state {job['state']}", (_brief(job),)))
+            out.append(
+                Violation(
+                    "I2",
+                    f"final file {path.name} exists for job {job_id[:12]} "
+                    f"in state {job['state']}",
+                    (_brief(job),),
+                )
+            )
     for job_id, path in finals.items():
         if job_id not in jobs:
-            out.append(Violation("I2", f"final file {path.name} belongs to no planned job"))
+            out.append(
+                Violation("I2", f"final file {path.name} belongs to no planned job")
+            )
     return out
 
 
-def _i3(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, Any]]],
-        manifest: Mapping[str, dict[str, Any]], recovered_at: float | None) -> list[Violation]:
+def _i3(
+    jobs: Mapping[str, dict[str, Any]],
+    hist: Mapping[str, list[dict[str, Any]]],
+    manifest: Mapping[str, dict[str, Any]],
+    recovered_at: float | None,
+) -> list[Violation]:
     """One FINALIZED transition and one manifest entry per published job.
 
     After recovery (``recovered_at`` set) a FINALIZED job that nobody holds
@@ -249,25 +326,52 @@ def _i3(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, An
     out = []
     for job_id, job in jobs.items():
         events = hist.get(job_id, [])
-        last_repair = max((i for i, h in enumerate(events) if h["event"] == "repair"), default=-1)
-        finals = [h for h in events[last_repair + 1:]
-                  if h["event"] == "state" and h["to_state"] == "FINALIZED"]
+        last_repair = max(
+            (i for i, h in enumerate(events) if h["event"] == "repair"), default=-1
+        )
+        finals = [
+            h
+            for h in events[last_repair + 1 :]
+            if h["event"] == "state" and h["to_state"] == "FINALIZED"
+        ]
         done = job["state"] in {"FINALIZED", "INDEXED", "DEDUPED"}
         if done and len(finals) != 1 or not done and finals:
-            out.append(Violation("I3", f"job {job_id[:12]} has {len(finals)} FINALIZED "
-                                       f"transitions in state {job['state']}", tuple(finals)))
+            out.append(
+                Violation(
+                    "I3",
+                    f"job {job_id[:12]} has {len(finals)} FINALIZED "
+                    f"transitions in state {job['state']}",
+                    tuple(finals),
+                )
+            )
         indexed = job["state"] in {"INDEXED", "DEDUPED"}
         if indexed and job_id not in manifest:
-            out.append(Violation("I3", f"job {job_id[:12]} is {job['state']} with no manifest "
-                                       "entry", (_brief(job),)))
+            out.append(
+                Violation(
+                    "I3",
+                    f"job {job_id[:12]} is {job['state']} with no manifest entry",
+                    (_brief(job),),
+                )
+            )
         unindexed = job["state"] == "FINALIZED" and job_id not in manifest
         if unindexed and recovered_at is not None and not _held(job, recovered_at):
-            out.append(Violation("I3", f"job {job_id[:12]} stayed FINALIZED with no manifest "
-                                       "entry after recovery: its INDEX was lost",
-                                 (_brief(job),), lost=True))
+            out.append(
+                Violation(
+                    "I3",
+                    f"job {job_id[:12]} stayed FINALIZED with no manifest "
+                    "entry after recovery: its INDEX was lost",
+                    (_brief(job),),
+                    lost=True,
+                )
+            )
         if job_id in manifest and not indexed and job["state"] != "FINALIZED":
-            out.append(Violation("I3", f"manifest entry for job {job_id[:12]} in state "
-                                       f"{job['state']}", (manifest[job_id],)))
+            out.append(
+                Violation(
+                    "I3",
+                    f"manifest entry for job {job_id[:12]} in state {job['state']}",
+                    (manifest[job_id],),
+                )
+            )
     return out
 
 
@@ -286,14 +390,25 @@ def _i4(ops: list[dict[str, Any]]) -> list[Violation]:
         except ValueError:
             again = b""
         if again != raw:
-            out.append(Violation("I4", f"op {op['op_key'][:12]} ({op['kind']}) result does "
-                                       "not replay byte for byte",
-                                 ({"op_key": op["op_key"], "result": raw[:200].decode(
-                                     "utf-8", "replace")},)))
+            out.append(
+                Violation(
+                    "I4",
+                    f"op {op['op_key'][:12]} ({op['kind']}) result does "
+                    "not replay byte for byte",
+                    (
+                        {
+                            "op_key": op["op_key"],
+                            "result": raw[:200].decode("utf-8", "replace"),
+                        },
+                    ),
+                )
+            )
     return out
 
 
-def _i5(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, Any]]]) -> list[Violation]:
+def _i5(
+    jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, Any]]]
+) -> list[Violation]:
     out = []
     for job_id, events in hist.items():
         state = "PLANNED"
@@ -302,22 +417,47 @@ def _i5(jobs: Mapping[str, dict[str, Any]], hist: Mapping[str, list[dict[str, An
                 continue
             src, dst = h["from_state"], h["to_state"]
             if src != state:
-                out.append(Violation("I5", f"job {job_id[:12]} history jumps from {state} "
-                                           f"to an edge out of {src}", (h,)))
+                out.append(
+                    Violation(
+                        "I5",
+                        f"job {job_id[:12]} history jumps from {state} "
+                        f"to an edge out of {src}",
+                        (h,),
+                    )
+                )
             ok = (
-                (h["event"] == "claim" and (src == dst or (src in ("PLANNED", "FAILED")
-                                                           and dst == "LEASED")))
+                (
+                    h["event"] == "claim"
+                    and (
+                        src == dst or (src in ("PLANNED", "FAILED") and dst == "LEASED")
+                    )
+                )
                 or (h["event"] == "state" and JobState(dst) in EDGES[JobState(src)])
-                or (h["event"] == "repair" and REPAIR_EDGES.get(JobState(src)) == JobState(dst)
-                    and (h["detail"] or "").startswith("repair:"))
+                or (
+                    h["event"] == "repair"
+                    and REPAIR_EDGES.get(JobState(src)) == JobState(dst)
+                    and (h["detail"] or "").startswith("repair:")
+                )
             )
             if not ok:
-                out.append(Violation("I5", f"job {job_id[:12]} took edge {src} -> {dst} "
-                                           f"({h['event']}), which is not allowed", (h,)))
+                out.append(
+                    Violation(
+                        "I5",
+                        f"job {job_id[:12]} took edge {src} -> {dst} "
+                        f"({h['event']}), which is not allowed",
+                        (h,),
+                    )
+                )
             state = dst
         if job_id in jobs and jobs[job_id]["state"] != state and events:
-            out.append(Violation("I5", f"job {job_id[:12]} is {jobs[job_id]['state']} but its "
-                                       f"history ends in {state}", (events[-1],)))
+            out.append(
+                Violation(
+                    "I5",
+                    f"job {job_id[:12]} is {jobs[job_id]['state']} but its "
+                    f"history ends in {state}",
+                    (events[-1],),
+                )
+            )
     return out
 
 
@@ -339,19 +479,28 @@ def _leases(events: list[dict[str, Any]]) -> list[_Lease]:
     for h in events:
         token = h["token"]
         if h["event"] == "claim":
-            latest[token] = _Lease(token, h["owner"], h["at"], h["lease_until"], h["seq"])
+            latest[token] = _Lease(
+                token, h["owner"], h["at"], h["lease_until"], h["seq"]
+            )
             chain.append(latest[token])
         elif token in latest:
             lease = latest[token]
             if h["event"] == "renew":
-                lease.end = max(lease.end, h["lease_until"]) if h["at"] < lease.end + EPS \
+                lease.end = (
+                    max(lease.end, h["lease_until"])
+                    if h["at"] < lease.end + EPS
                     else lease.end
+                )
             elif h["event"] == "state" and h["to_state"] == "FAILED":
                 lease.end = min(lease.end, h["at"])  # fail_job ends the lease
             elif h["event"] in ("release", "expire"):
                 # Only the end of a dead owner's leases comes with a reason; any
                 # other expiry before the lease's end took a live lease away.
-                if h["event"] == "expire" and not h["detail"] and h["at"] < lease.end - EPS:
+                if (
+                    h["event"] == "expire"
+                    and not h["detail"]
+                    and h["at"] < lease.end - EPS
+                ):
                     lease.cut = (h["at"], lease.end)
                 lease.end = min(lease.end, h["at"])
     return chain
@@ -360,21 +509,38 @@ def _leases(events: list[dict[str, Any]]) -> list[_Lease]:
 def _i6(leases: Mapping[str, list[_Lease]]) -> list[Violation]:
     out = []
     for job_id, chain in leases.items():
-        out += [Violation("I6", f"job {job_id[:12]}: {lease.owner}'s token {lease.token} "
-                                f"was expired at {lease.cut[0]:.3f} while valid until "
-                                f"{lease.cut[1]:.3f}", (lease.__dict__,))
-                for lease in chain if lease.cut is not None]
-        for before, after in zip(chain, chain[1:]):
+        out += [
+            Violation(
+                "I6",
+                f"job {job_id[:12]}: {lease.owner}'s token {lease.token} "
+                f"was expired at {lease.cut[0]:.3f} while valid until "
+                f"{lease.cut[1]:.3f}",
+                (lease.__dict__,),
+            )
+            for lease in chain
+            if lease.cut is not None
+        ]
+        for before, after in zip(chain, chain[1:], strict=False):
             if after.token <= before.token:
-                out.append(Violation("I6", f"job {job_id[:12]}: token {after.token} claimed "
-                                           f"after token {before.token}",
-                                     (before.__dict__, after.__dict__)))
+                out.append(
+                    Violation(
+                        "I6",
+                        f"job {job_id[:12]}: token {after.token} claimed "
+                        f"after token {before.token}",
+                        (before.__dict__, after.__dict__),
+                    )
+                )
             if after.start < before.end - EPS:
-                out.append(Violation("I6", f"job {job_id[:12]}: {after.owner} claimed token "
-                                           f"{after.token} at {after.start:.3f} while "
-                                           f"{before.owner}'s token {before.token} was valid "
-                                           f"until {before.end:.3f}",
-                                     (before.__dict__, after.__dict__)))
+                out.append(
+                    Violation(
+                        "I6",
+                        f"job {job_id[:12]}: {after.owner} claimed token "
+                        f"{after.token} at {after.start:.3f} while "
+                        f"{before.owner}'s token {before.token} was valid "
+                        f"until {before.end:.3f}",
+                        (before.__dict__, after.__dict__),
+                    )
+                )
     return out
 
 
@@ -385,87 +551,158 @@ def _valid(chain: list[_Lease], token: int | None, at: float) -> bool:
     return False
 
 
-def _i7(hist: Mapping[str, list[dict[str, Any]]], ops: list[dict[str, Any]],
-        manifest: Mapping[str, dict[str, Any]],
-        leases: Mapping[str, list[_Lease]]) -> list[Violation]:
+def _i7(
+    hist: Mapping[str, list[dict[str, Any]]],
+    ops: list[dict[str, Any]],
+    manifest: Mapping[str, dict[str, Any]],
+    leases: Mapping[str, list[_Lease]],
+) -> list[Violation]:
     out = []
     for job_id, events in hist.items():
         chain = leases.get(job_id, [])
         for h in events:
-            if h["event"] == "state" and h["token"] is not None and not _valid(chain, h["token"], h["at"]):
-                out.append(Violation("I7", f"job {job_id[:12]}: state change to {h['to_state']} "
-                                           f"accepted with token {h['token']} outside its "
-                                           "lease", (h,)))
+            if (
+                h["event"] == "state"
+                and h["token"] is not None
+                and not _valid(chain, h["token"], h["at"])
+            ):
+                out.append(
+                    Violation(
+                        "I7",
+                        f"job {job_id[:12]}: state change to {h['to_state']} "
+                        f"accepted with token {h['token']} outside its "
+                        "lease",
+                        (h,),
+                    )
+                )
     for op in ops:
         if op["status"] == "SUCCEEDED" and op["token"] is not None:
             if not _valid(leases.get(op["job_id"], []), op["token"], op["finished_at"]):
-                out.append(Violation("I7", f"op {op['kind']} of job {op['job_id'][:12]} "
-                                           f"recorded with token {op['token']} outside its "
-                                           "lease", ({k: op[k] for k in ("op_key", "token",
-                                                      "finished_at")},)))
+                out.append(
+                    Violation(
+                        "I7",
+                        f"op {op['kind']} of job {op['job_id'][:12]} "
+                        f"recorded with token {op['token']} outside its "
+                        "lease",
+                        ({k: op[k] for k in ("op_key", "token", "finished_at")},),
+                    )
+                )
     for job_id, entry in manifest.items():
-        if entry["token"] is not None and not _valid(leases.get(job_id, []), entry["token"],
-                                                     entry["recorded_at"]):
-            out.append(Violation("I7", f"manifest entry of job {job_id[:12]} written with a "
-                                       f"stale token {entry['token']}", (entry,)))
+        if entry["token"] is not None and not _valid(
+            leases.get(job_id, []), entry["token"], entry["recorded_at"]
+        ):
+            out.append(
+                Violation(
+                    "I7",
+                    f"manifest entry of job {job_id[:12]} written with a "
+                    f"stale token {entry['token']}",
+                    (entry,),
+                )
+            )
     return out
 
 
-def _i8(jobs: Mapping[str, dict[str, Any]], ops: list[dict[str, Any]], out_dir: Path,
-        now: float) -> list[Violation]:
+def _i8(
+    jobs: Mapping[str, dict[str, Any]],
+    ops: list[dict[str, Any]],
+    out_dir: Path,
+    now: float,
+) -> list[Violation]:
     out = []
     for path, job_id, token in list_parts(out_dir):
         job = jobs.get(job_id)
-        live = (job is not None and job["lease_owner"] is not None
-                and job["lease_until"] > now and job["lease_token"] == token)
+        live = (
+            job is not None
+            and job["lease_owner"] is not None
+            and job["lease_until"] > now
+            and job["lease_token"] == token
+        )
         if not live:
-            out.append(Violation("I8", f"part file {path.name} left without a live lease",
-                                 ({"part": path.name, "job_state": job and job["state"]},)))
+            out.append(
+                Violation(
+                    "I8",
+                    f"part file {path.name} left without a live lease",
+                    ({"part": path.name, "job_state": job and job["state"]},),
+                )
+            )
     for op in ops:
         if op["status"] != "IN_PROGRESS":
             continue
         job = jobs.get(op["job_id"])
-        live = (job is not None and job["lease_owner"] is not None and job["lease_until"] > now
-                and (op["token"] is None or job["lease_token"] == op["token"]))
+        live = (
+            job is not None
+            and job["lease_owner"] is not None
+            and job["lease_until"] > now
+            and (op["token"] is None or job["lease_token"] == op["token"])
+        )
         if not live or op["expires_at"] <= now:
-            out.append(Violation("I8", f"op {op['kind']} of job {op['job_id'][:12]} in "
-                                       "progress under a dead lease",
-                                 ({k: op[k] for k in ("op_key", "token", "expires_at")},)))
+            out.append(
+                Violation(
+                    "I8",
+                    f"op {op['kind']} of job {op['job_id'][:12]} in "
+                    "progress under a dead lease",
+                    ({k: op[k] for k in ("op_key", "token", "expires_at")},),
+                )
+            )
     return out
 
 
-def _i9(jobs: Mapping[str, dict[str, Any]], ops: list[dict[str, Any]],
-        hist: Mapping[str, list[dict[str, Any]]],
-        expected: Mapping[str, Expected]) -> list[Violation]:
+def _i9(
+    jobs: Mapping[str, dict[str, Any]],
+    ops: list[dict[str, Any]],
+    hist: Mapping[str, list[dict[str, Any]]],
+    expected: Mapping[str, Expected],
+) -> list[Violation]:
     out = []
-    claims = {job_id: sum(1 for h in events if h["event"] == "claim")
-              for job_id, events in hist.items()}
+    claims = {
+        job_id: sum(1 for h in events if h["event"] == "claim")
+        for job_id, events in hist.items()
+    }
     for op in ops:
         allowed = max(1, claims.get(op["job_id"], 0))
         if op["runs"] > allowed:
-            out.append(Violation("I9", f"op {op['kind']} of job {op['job_id'][:12]} ran "
-                                       f"{op['runs']} times over {allowed} leases",
-                                 ({k: op[k] for k in ("op_key", "runs", "status")},)))
+            out.append(
+                Violation(
+                    "I9",
+                    f"op {op['kind']} of job {op['job_id'][:12]} ran "
+                    f"{op['runs']} times over {allowed} leases",
+                    ({k: op[k] for k in ("op_key", "runs", "status")},),
+                )
+            )
     for job_id, want in expected.items():
         if want.full_gets is None or job_id not in jobs:
             continue
         allowed = max(1, claims.get(job_id, 0)) + want.validator_changes
         if want.full_gets > allowed:
-            out.append(Violation("I9", f"artifact of job {job_id[:12]} was fetched in full "
-                                       f"{want.full_gets} times over {allowed} leases",
-                                 ({"job_id": job_id, "full_gets": want.full_gets},)))
+            out.append(
+                Violation(
+                    "I9",
+                    f"artifact of job {job_id[:12]} was fetched in full "
+                    f"{want.full_gets} times over {allowed} leases",
+                    ({"job_id": job_id, "full_gets": want.full_gets},),
+                )
+            )
     return out
 
 
-def _i10(jobs: Mapping[str, dict[str, Any]], ops: list[dict[str, Any]]) -> list[Violation]:
+def _i10(
+    jobs: Mapping[str, dict[str, Any]], ops: list[dict[str, Any]]
+) -> list[Violation]:
     out = []
     for job in jobs.values():
         if job["lease_owner"] is not None and job["lease_until"] is None:
-            out.append(Violation("I10", f"job {job['job_id'][:12]} has a lease with no expiry",
-                                 (_brief(job),)))
+            out.append(
+                Violation(
+                    "I10",
+                    f"job {job['job_id'][:12]} has a lease with no expiry",
+                    (_brief(job),),
+                )
+            )
     for op in ops:
         if op["status"] == "IN_PROGRESS" and op["expires_at"] is None:
-            out.append(Violation("I10", f"op {op['op_key'][:12]} in progress with no expiry"))
+            out.append(
+                Violation("I10", f"op {op['op_key'][:12]} in progress with no expiry")
+            )
     return out
 
 
@@ -474,8 +711,14 @@ def _i12(jobs: Mapping[str, dict[str, Any]]) -> list[Violation]:
     for job_id, job in jobs.items():
         again = job_key(job["work_id"], job["artifact_id"], job["url"])
         if again != job_id:
-            out.append(Violation("I12", f"job id {job_id[:12]} is not the key of its fields "
-                                       f"(recomputed {again[:12]})", (_brief(job),)))
+            out.append(
+                Violation(
+                    "I12",
+                    f"job id {job_id[:12]} is not the key of its fields "
+                    f"(recomputed {again[:12]})",
+                    (_brief(job),),
+                )
+            )
     return out
 
 
@@ -483,14 +726,20 @@ def timeline(db_path: str | os.PathLike[str], *, job_id: str | None = None) -> s
     """The history as text, one lane per worker: what each owner did and when."""
     cx = open_readonly(db_path)
     try:
-        sql = "SELECT * FROM history" + (" WHERE job_id = ?" if job_id else "") + " ORDER BY seq"
+        sql = (
+            "SELECT * FROM history"
+            + (" WHERE job_id = ?" if job_id else "")
+            + " ORDER BY seq"
+        )
         rows = _rows(cx, sql, *([job_id] if job_id else []))
     finally:
         cx.close()
     if not rows:
         return "(no history)"
     t0 = rows[0]["at"]
-    owners = {(h["job_id"], h["token"]): h["owner"] for h in rows if h["event"] == "claim"}
+    owners = {
+        (h["job_id"], h["token"]): h["owner"] for h in rows if h["event"] == "claim"
+    }
     lanes: dict[str, list[str]] = defaultdict(list)
     for h in rows:
         who = h["owner"] or owners.get((h["job_id"], h["token"])) or "reconciler"
@@ -500,5 +749,9 @@ def timeline(db_path: str | os.PathLike[str], *, job_id: str | None = None) -> s
         if h["detail"]:
             what += f" ({h['detail']})"
         token = f"t{h['token']}" if h["token"] is not None else "--"
-        lanes[who].append(f"+{h['at'] - t0:8.3f}s job {h['job_id'][:8]} {token:>3} {what}")
-    return "\n".join(f"[{who}]\n  " + "\n  ".join(lines) for who, lines in lanes.items())
+        lanes[who].append(
+            f"+{h['at'] - t0:8.3f}s job {h['job_id'][:8]} {token:>3} {what}"
+        )
+    return "\n".join(
+        f"[{who}]\n  " + "\n  ".join(lines) for who, lines in lanes.items()
+    )

@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from ..core.clock import CLOCK_FILE_ENV, SharedClock, set_default_clock
-from ..core.crashpoints import CRASH_POINTS, FAULTS_ENV, Fault, arm, disarm, ensure_declared
+from ..core.crashpoints import (
+    CRASH_POINTS,
+    FAULTS_ENV,
+    Fault,
+    arm,
+    disarm,
+    ensure_declared,
+)
 from ..core.gate import GATE_ENV, idempotency_enabled
 
 
 class FeatureGate:
     """Sets ``DOCSTOKG_ENABLE_IDEMPOTENCY`` for the test and its children; restores it."""
 
-    def __init__(self, setenv: Callable[[str, str], None], delenv: Callable[[str], None]):
+    def __init__(
+        self, setenv: Callable[[str, str], None], delenv: Callable[[str], None]
+    ):
         self._setenv, self._delenv = setenv, delenv
 
     def enable(self) -> None:
@@ -85,14 +94,15 @@ class FakeClock:
 
     def _sync(self) -> None:
         if self._frozen is not None:
-            self._frozen.move_to(dt.datetime.fromtimestamp(self.shared.wall(), dt.timezone.utc))
+            self._frozen.move_to(dt.datetime.fromtimestamp(self.shared.wall(), dt.UTC))
             time.monotonic = self.shared.monotonic  # freezegun's move_to re-derives it
 
     def start(self) -> None:
         import freezegun
 
         self._freezer = freezegun.freeze_time(
-            dt.datetime.fromtimestamp(self.shared.wall(), dt.timezone.utc))
+            dt.datetime.fromtimestamp(self.shared.wall(), dt.UTC)
+        )
         self._frozen = self._freezer.start()
         self._saved_monotonic = time.monotonic
         time.monotonic = self.shared.monotonic
@@ -126,8 +136,16 @@ class FaultInjector:
         self.faults: list[Fault] = []
         self._in_process = False
 
-    def arm(self, point: str, action: str = "kill", *, hit: int = 1,
-            worker: str | None = None, arg: float = 0.0, in_process: bool = False) -> Fault:
+    def arm(
+        self,
+        point: str,
+        action: str = "kill",
+        *,
+        hit: int = 1,
+        worker: str | None = None,
+        arg: float = 0.0,
+        in_process: bool = False,
+    ) -> Fault:
         ensure_declared(point)
         fault = Fault(point=point, action=action, hit=hit, worker=worker, arg=arg)
         self.faults.append(fault)

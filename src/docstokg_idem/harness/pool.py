@@ -28,7 +28,12 @@ from ..core.crashpoints import arm, ensure_declared, set_hook
 from ..core.db import close
 from ..core.jobs import expire_owner_leases
 from ..core.telemetry import JsonLinesSink, add_sink
-from ..pipeline.worker import WorkerConfig, WorkerStats, install_stop_signals, run_worker
+from ..pipeline.worker import (
+    WorkerConfig,
+    WorkerStats,
+    install_stop_signals,
+    run_worker,
+)
 
 WAIT_S = 60.0
 
@@ -114,7 +119,9 @@ class Worker:
         path = self.spec.events_path
         if not path or not os.path.exists(path):
             return []
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        return [
+            json.loads(line) for line in Path(path).read_text().splitlines() if line
+        ]
 
 
 class WorkerPool:
@@ -148,12 +155,21 @@ class WorkerPool:
         for i in range(workers):
             for f in (faults or {}).get(i, []):
                 ensure_declared(f["point"])
-            cfg = WorkerConfig(out_dir=self.out_dir, db_path=self.db_path, owner=f"w{i}",
-                               lease_ttl_s=lease_ttl_s, **dict(config or {}))
-            spec = WorkerSpec(config=cfg, faults=[dict(f) for f in (faults or {}).get(i, [])],
-                              clock_file=clock.path if clock else None,
-                              events_path=str(self.log_dir / f"w{i}.jsonl"),
-                              mutant=mutant, scheduled=scheduled)
+            cfg = WorkerConfig(
+                out_dir=self.out_dir,
+                db_path=self.db_path,
+                owner=f"w{i}",
+                lease_ttl_s=lease_ttl_s,
+                **dict(config or {}),
+            )
+            spec = WorkerSpec(
+                config=cfg,
+                faults=[dict(f) for f in (faults or {}).get(i, [])],
+                clock_file=clock.path if clock else None,
+                events_path=str(self.log_dir / f"w{i}.jsonl"),
+                mutant=mutant,
+                scheduled=scheduled,
+            )
             self.workers.append(Worker(i, spec))
 
     # --- lifecycle --------------------------------------------------------------
@@ -164,9 +180,19 @@ class WorkerPool:
             if w.process is not None and (w.alive or index is None):
                 continue  # running, or ran once: a dead slot comes back by restart()
             parent, child = self.ctx.Pipe()
-            w.conn, w.exitcode, w.at, w.ready, w.holds_lock = parent, None, None, False, False
-            w.process = self.ctx.Process(target=_child, args=(w.spec, child), daemon=True,
-                                         name=f"docstokg-idem pool {w.owner}")
+            w.conn, w.exitcode, w.at, w.ready, w.holds_lock = (
+                parent,
+                None,
+                None,
+                False,
+                False,
+            )
+            w.process = self.ctx.Process(
+                target=_child,
+                args=(w.spec, child),
+                daemon=True,
+                name=f"docstokg-idem pool {w.owner}",
+            )
             w.process.start()
             child.close()
             if self.scheduled:
@@ -224,8 +250,10 @@ class WorkerPool:
             return 0
         cx = connect(self.db_path, clock=self.clock)
         try:
-            return sum(expire_owner_leases(cx, owner=owner, why="its process died")
-                       for owner in self.dead_owners)
+            return sum(
+                expire_owner_leases(cx, owner=owner, why="its process died")
+                for owner in self.dead_owners
+            )
         finally:
             close(cx)
 
@@ -251,8 +279,9 @@ class WorkerPool:
 
     # --- free running -------------------------------------------------------------
 
-    def run_until_idle(self, timeout_s: float = WAIT_S, *, start: bool = True
-                       ) -> list[int | None]:
+    def run_until_idle(
+        self, timeout_s: float = WAIT_S, *, start: bool = True
+    ) -> list[int | None]:
         """Wait until every worker has exited (first starting those not running)."""
         if self.scheduled:
             self.free()
@@ -285,8 +314,11 @@ class WorkerPool:
 
     def runnable(self) -> list[int]:
         """Workers that may take the next step (the lock holder alone, if one holds it)."""
-        waiting = [w for w in self.workers if w.alive and w.at is not None or
-                   (w.alive and w.ready)]
+        waiting = [
+            w
+            for w in self.workers
+            if w.alive and w.at is not None or (w.alive and w.ready)
+        ]
         holders = [w.index for w in waiting if w.holds_lock]
         return holders or [w.index for w in waiting]
 
@@ -325,7 +357,8 @@ class WorkerPool:
         if not ready:
             raise SchedulerStuck(
                 f"worker {w.owner} neither reached a crash point nor exited in {WAIT_S}s "
-                f"(last at {w.at!r}); another worker may hold a lock it waits for")
+                f"(last at {w.at!r}); another worker may hold a lock it waits for"
+            )
         if w.conn in ready:
             try:
                 message = w.conn.recv()

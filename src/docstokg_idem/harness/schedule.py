@@ -57,10 +57,14 @@ class Outcome:
         return self.report.ok
 
     def describe(self) -> str:
-        lines = [f"schedule ({len(self.schedule)} steps): {json.dumps(self.schedule)}",
-                 f"replay with: --idem-replay='{json.dumps(self.schedule)}'",
-                 "trace: " + " ".join(f"w{w}@{p}" for w, p in self.trace),
-                 str(self.report), "timeline:", self.timeline]
+        lines = [
+            f"schedule ({len(self.schedule)} steps): {json.dumps(self.schedule)}",
+            f"replay with: --idem-replay='{json.dumps(self.schedule)}'",
+            "trace: " + " ".join(f"w{w}@{p}" for w, p in self.trace),
+            str(self.report),
+            "timeline:",
+            self.timeline,
+        ]
         return "\n".join(lines)
 
 
@@ -68,20 +72,29 @@ class Outcome:
 class World:
     """The fixed part of an interleaving experiment: artifacts, workers, TTL."""
 
-    artifacts: Mapping[str, int] = field(default_factory=lambda: {"a.pdf": 40_000,
-                                                                   "b.pdf": 9_000})
+    artifacts: Mapping[str, int] = field(
+        default_factory=lambda: {"a.pdf": 40_000, "b.pdf": 9_000}
+    )
     faults: Mapping[str, Fault] = field(default_factory=dict)
     workers: int = 2
     lease_ttl_s: float = 10.0
     mutant: str | None = None
     seed: int = 0
-    worker_config: Mapping[str, Any] = field(default_factory=lambda: {
-        "chunk_bytes": 16 * 1024, "progress_every_bytes": 16 * 1024})
+    worker_config: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "chunk_bytes": 16 * 1024,
+            "progress_every_bytes": 16 * 1024,
+        }
+    )
 
 
-def run_schedule(schedule: Sequence[Step], world: World | None = None,
-                 *, workdir: str | os.PathLike[str] | None = None,
-                 origin: Origin | None = None) -> Outcome:
+def run_schedule(
+    schedule: Sequence[Step],
+    world: World | None = None,
+    *,
+    workdir: str | os.PathLike[str] | None = None,
+    origin: Origin | None = None,
+) -> Outcome:
     """Play one schedule against real worker processes and check the result."""
     world = world or World()
     root = Path(workdir or tempfile.mkdtemp(prefix="idem-sched-"))
@@ -90,12 +103,22 @@ def run_schedule(schedule: Sequence[Step], world: World | None = None,
     clock = SharedClock(root / "clock", start=START_WALL)
     own_origin = origin is None
     if origin is None:
-        origin = Origin(dict(world.artifacts), seed=world.seed, faults=dict(world.faults)).start()
+        origin = Origin(
+            dict(world.artifacts), seed=world.seed, faults=dict(world.faults)
+        ).start()
     try:
         ids = _plan(db_path, origin, world, clock)
-        pool = WorkerPool(db_path, out, workers=world.workers, clock=clock,
-                          lease_ttl_s=world.lease_ttl_s, mutant=world.mutant, scheduled=True,
-                          log_dir=root / "logs", config=world.worker_config)
+        pool = WorkerPool(
+            db_path,
+            out,
+            workers=world.workers,
+            clock=clock,
+            lease_ttl_s=world.lease_ttl_s,
+            mutant=world.mutant,
+            scheduled=True,
+            log_dir=root / "logs",
+            config=world.worker_config,
+        )
         with pool:
             pool.start()
             killed = _play(pool, schedule, clock)
@@ -108,23 +131,36 @@ def run_schedule(schedule: Sequence[Step], world: World | None = None,
     finally:
         if own_origin:
             origin.stop()
-    return Outcome(list(map(list, schedule)), trace, report, timeline(db_path), codes,
-                   str(root), killed)
+    return Outcome(
+        list(map(list, schedule)),
+        trace,
+        report,
+        timeline(db_path),
+        codes,
+        str(root),
+        killed,
+    )
 
 
-def _plan(db_path: Path, origin: Origin, world: World, clock: SharedClock) -> dict[str, str]:
+def _plan(
+    db_path: Path, origin: Origin, world: World, clock: SharedClock
+) -> dict[str, str]:
     cx = connect(db_path, clock=clock)
     try:
         names = list(world.artifacts)
-        rows = [{"work_id": "W1", "artifact_id": n, "url": origin.url(n)} for n in names]
-        return dict(zip(plan_jobs(cx, rows), names))
+        rows = [
+            {"work_id": "W1", "artifact_id": n, "url": origin.url(n)} for n in names
+        ]
+        return dict(zip(plan_jobs(cx, rows), names, strict=True))
     finally:
         close(cx)
 
 
 def _expected(origin: Origin, name: str) -> Expected:
     want = origin.expected(name)
-    return Expected(want.size, want.sha256, origin.counters(name)["full_gets"], want.version)
+    return Expected(
+        want.size, want.sha256, origin.counters(name)["full_gets"], want.version
+    )
 
 
 def _play(pool: WorkerPool, schedule: Sequence[Step], clock: SharedClock) -> int:
@@ -149,8 +185,10 @@ def _play(pool: WorkerPool, schedule: Sequence[Step], clock: SharedClock) -> int
             pool.crash(index)
             killed += 1
         else:
-            raise ValueError(f"schedule step {[kind, arg]!r}: the kind must be run, kill, "
-                             "clock or restart")
+            raise ValueError(
+                f"schedule step {[kind, arg]!r}: the kind must be run, kill, "
+                "clock or restart"
+            )
     return killed
 
 
@@ -169,16 +207,25 @@ def _drain(pool: WorkerPool) -> None:
     pool.run_until_idle(start=False)
 
 
-def _recover(pool: WorkerPool, world: World, db_path: Path, out: Path,
-             clock: SharedClock) -> None:
+def _recover(
+    pool: WorkerPool, world: World, db_path: Path, out: Path, clock: SharedClock
+) -> None:
     """Recovery runs as the system would: in a process of its own, mutant included."""
     import multiprocess as mp
 
     dead = list(pool.dead_owners)
-    config = WorkerConfig(out_dir=str(out), db_path=str(db_path), owner="recovery",
-                          lease_ttl_s=world.lease_ttl_s, **dict(world.worker_config))
+    config = WorkerConfig(
+        out_dir=str(out),
+        db_path=str(db_path),
+        owner="recovery",
+        lease_ttl_s=world.lease_ttl_s,
+        **dict(world.worker_config),
+    )
     proc = mp.get_context("fork").Process(
-        target=_recovery_child, args=(config, clock.path, dead, world.mutant), daemon=True)
+        target=_recovery_child,
+        args=(config, clock.path, dead, world.mutant),
+        daemon=True,
+    )
     proc.start()
     proc.join(120)
     if proc.is_alive():
@@ -192,8 +239,9 @@ def _recover(pool: WorkerPool, world: World, db_path: Path, out: Path,
         )
 
 
-def _recovery_child(config: WorkerConfig, clock_file: str, dead: list[str],
-                    mutant: str | None) -> None:
+def _recovery_child(
+    config: WorkerConfig, clock_file: str, dead: list[str], mutant: str | None
+) -> None:
     clock = SharedClock(clock_file)
     set_default_clock(clock)
     if mutant:

@@ -19,18 +19,28 @@ _KINDS = ["run", "run", "run", "run", "kill", "clock", "restart"]
 CLOCK_MOVES = (1.0, 4.0, 11.0, 31.0)
 
 
-def steps(workers: int = 2, clock_moves: tuple[float, ...] = CLOCK_MOVES) -> st.SearchStrategy[list[Any]]:
+def steps(
+    workers: int = 2, clock_moves: tuple[float, ...] = CLOCK_MOVES
+) -> st.SearchStrategy[list[Any]]:
     """One step: ``["run", k]``, ``["kill", k]``, ``["clock", s]`` or ``["restart", k]``."""
     width = max(workers, len(clock_moves))
 
     def build(choice: tuple[str, int]) -> list[Any]:
         kind, n = choice
-        return [kind, clock_moves[n % len(clock_moves)] if kind == "clock" else n % workers]
+        return [
+            kind,
+            clock_moves[n % len(clock_moves)] if kind == "clock" else n % workers,
+        ]
 
     return st.tuples(st.sampled_from(_KINDS), st.integers(0, width - 1)).map(build)
 
 
-def schedules(workers: int = 2, *, min_steps: int = 0, max_steps: int = 24,
-              clock_moves: tuple[float, ...] = CLOCK_MOVES) -> st.SearchStrategy[list[list[Any]]]:
+def schedules(
+    workers: int = 2,
+    *,
+    min_steps: int = 0,
+    max_steps: int = 24,
+    clock_moves: tuple[float, ...] = CLOCK_MOVES,
+) -> st.SearchStrategy[list[list[Any]]]:
     """A whole schedule: a list of steps (any list is valid; indexes wrap)."""
     return st.lists(steps(workers, clock_moves), min_size=min_steps, max_size=max_steps)

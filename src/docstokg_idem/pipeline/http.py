@@ -102,8 +102,10 @@ class HostSlots:
             assert self.folder is not None
             tag = hashlib.sha256(host.encode()).hexdigest()[:16]
             self.folder.mkdir(parents=True, exist_ok=True)
-            fds = [os.open(self.folder / f"{tag}.{i}.slot", os.O_RDWR | os.O_CREAT, 0o644)
-                   for i in range(self.per_host)]
+            fds = [
+                os.open(self.folder / f"{tag}.{i}.slot", os.O_RDWR | os.O_CREAT, 0o644)
+                for i in range(self.per_host)
+            ]
             self._fds[host] = fds
         return fds
 
@@ -140,7 +142,12 @@ class HostSlots:
 class Client:
     """The pipeline's HTTP client; one per worker process."""
 
-    def __init__(self, config: HttpConfig | None = None, *, slots_dir: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        config: HttpConfig | None = None,
+        *,
+        slots_dir: str | os.PathLike[str] | None = None,
+    ):
         self.config = config or HttpConfig()
         c = self.config
         self.retry = Retry(
@@ -194,7 +201,9 @@ class Client:
             resp.release_conn()
 
     @contextmanager
-    def get(self, url: str, *, start: int = 0, if_range: str | None = None) -> Iterator[urllib3.BaseHTTPResponse]:
+    def get(
+        self, url: str, *, start: int = 0, if_range: str | None = None
+    ) -> Iterator[urllib3.BaseHTTPResponse]:
         """Open a streamed GET, from byte ``start`` (with ``If-Range``) if > 0.
 
         The response's status tells what came: 206 continues at ``start``; 200
@@ -218,30 +227,49 @@ class Client:
             finally:
                 resp.release_conn()
 
-    def _request(self, method: str, url: str, headers: dict[str, str], stream: bool = False) -> urllib3.BaseHTTPResponse:
+    def _request(
+        self, method: str, url: str, headers: dict[str, str], stream: bool = False
+    ) -> urllib3.BaseHTTPResponse:
         try:
-            return self.pool.request(method, url, headers=headers, preload_content=not stream,
-                                     redirect=True)
+            return self.pool.request(
+                method, url, headers=headers, preload_content=not stream, redirect=True
+            )
         except urllib3.exceptions.MaxRetryError as exc:
             reason = exc.reason
-            if isinstance(reason, urllib3.exceptions.ResponseError) and "redirect" in str(reason):
-                raise HttpError(f"{method} {url}: more than {self.config.max_redirects} "
-                                "redirects; raise --max-redirects or fix the URL",
-                                retryable=False) from None
-            raise HttpError(f"{method} {url}: gave up after {self.config.retries} "
-                            f"retries: {reason}", retryable=True) from None
+            if isinstance(
+                reason, urllib3.exceptions.ResponseError
+            ) and "redirect" in str(reason):
+                raise HttpError(
+                    f"{method} {url}: more than {self.config.max_redirects} "
+                    "redirects; raise --max-redirects or fix the URL",
+                    retryable=False,
+                ) from None
+            raise HttpError(
+                f"{method} {url}: gave up after {self.config.retries} "
+                f"retries: {reason}",
+                retryable=True,
+            ) from None
         except urllib3.exceptions.LocationValueError as exc:
-            raise HttpError(f"{method} {url}: bad URL ({exc})", retryable=False) from None
+            raise HttpError(
+                f"{method} {url}: bad URL ({exc})", retryable=False
+            ) from None
         except urllib3.exceptions.HTTPError as exc:
-            raise HttpError(f"{method} {url}: {type(exc).__name__}: {exc}", retryable=True) from None
+            raise HttpError(
+                f"{method} {url}: {type(exc).__name__}: {exc}", retryable=True
+            ) from None
 
-    def _check_status(self, resp: urllib3.BaseHTTPResponse, url: str, method: str) -> None:
+    def _check_status(
+        self, resp: urllib3.BaseHTTPResponse, url: str, method: str
+    ) -> None:
         if resp.status in (200, 206):
             return
         retryable = resp.status in RETRY_STATUSES
-        raise HttpError(f"{method} {url}: HTTP {resp.status}"
-                        + (" after retries" if retryable else ""),
-                        retryable=retryable, status=resp.status)
+        raise HttpError(
+            f"{method} {url}: HTTP {resp.status}"
+            + (" after retries" if retryable else ""),
+            retryable=retryable,
+            status=resp.status,
+        )
 
     def _check_size(self, size: int | None, url: str) -> None:
         limit = self.config.max_body_bytes
@@ -255,8 +283,11 @@ class Client:
 def ensure_http_url(url: str) -> None:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise HttpError(f"URL {url!r} has scheme {scheme!r}; only http and https are "
-                        "fetched: fix the plan row", retryable=False)
+        raise HttpError(
+            f"URL {url!r} has scheme {scheme!r}; only http and https are "
+            "fetched: fix the plan row",
+            retryable=False,
+        )
 
 
 def _int_header(resp: urllib3.BaseHTTPResponse, name: str) -> int | None:

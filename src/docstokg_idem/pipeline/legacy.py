@@ -53,22 +53,39 @@ def download_untracked(
     return stats
 
 
-def _fetch_one(client: Client, spec: Mapping[str, Any], out: Path, stats: WorkerStats,
-               durable: bool) -> None:
+def _fetch_one(
+    client: Client,
+    spec: Mapping[str, Any],
+    out: Path,
+    stats: WorkerStats,
+    durable: bool,
+) -> None:
     job_id = job_key(spec["work_id"], spec["artifact_id"], spec["url"])
-    if any(p.name.startswith(job_id) and not p.name.endswith(".part") for p in out.glob(f"{job_id}*")):
+    if any(
+        p.name.startswith(job_id) and not p.name.endswith(".part")
+        for p in out.glob(f"{job_id}*")
+    ):
         return
     part = out / f"{job_id}.{os.getpid()}.part"
     try:
         _publish(client, spec, job_id, part, out, stats, durable)
     except urllib3.exceptions.HTTPError as exc:  # a body cut short or reset
-        raise HttpError(f"{spec['url']}: {type(exc).__name__}: {exc}", retryable=True) from None
+        raise HttpError(
+            f"{spec['url']}: {type(exc).__name__}: {exc}", retryable=True
+        ) from None
     finally:
         part.unlink(missing_ok=True)  # renamed away on success; residue after a failure
 
 
-def _publish(client: Client, spec: Mapping[str, Any], job_id: str, part: Path, out: Path,
-             stats: WorkerStats, durable: bool) -> None:
+def _publish(
+    client: Client,
+    spec: Mapping[str, Any],
+    job_id: str,
+    part: Path,
+    out: Path,
+    stats: WorkerStats,
+    durable: bool,
+) -> None:
     digest = hashlib.sha256()
     with client.get(spec["url"]) as resp:
         name = final_name(job_id, suffix_for(resp.headers.get("Content-Type")))
@@ -83,8 +100,11 @@ def _publish(client: Client, spec: Mapping[str, Any], job_id: str, part: Path, o
                 os.fsync(f.fileno())
     expected = spec.get("sha256")
     if expected and digest.hexdigest() != expected:
-        raise HttpError(f"{spec['url']}: SHA-256 {digest.hexdigest()} is not the planned "
-                        f"{expected}", retryable=True)
+        raise HttpError(
+            f"{spec['url']}: SHA-256 {digest.hexdigest()} is not the planned "
+            f"{expected}",
+            retryable=True,
+        )
     os.replace(part, out / name)
     fsync_dir(out)
     stats.jobs_done += 1

@@ -929,8 +929,12 @@ def main(argv: list[str] | None = None) -> int:
         print(origin.base_url, flush=True)
         names = origin.names()
         shown = ", ".join(origin.url(n) for n in names[:2])
-        print(f"serving {len(names)} artifacts: {shown}{', …' if len(names) > 2 else ''} "
-              f"(all of them: {origin.base_url}/_manifest)", file=sys.stderr, flush=True)
+        print(
+            f"serving {len(names)} artifacts: {shown}{', …' if len(names) > 2 else ''} "
+            f"(all of them: {origin.base_url}/_manifest)",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

@@ -30,8 +30,12 @@ class PlanRow:
     sha256: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"work_id": self.work_id, "artifact_id": self.artifact_id,
-                "url": self.url, "sha256": self.sha256}
+        return {
+            "work_id": self.work_id,
+            "artifact_id": self.artifact_id,
+            "url": self.url,
+            "sha256": self.sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,24 @@ def _read_jsonl(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(PlanError(path, number, f"not valid JSON ({exc.msg} at column "
-                                                  f"{exc.colno}); each line must be one "
-                                                  "JSON object"))
+            errors.append(
+                PlanError(
+                    path,
+                    number,
+                    f"not valid JSON ({exc.msg} at column "
+                    f"{exc.colno}); each line must be one "
+                    "JSON object",
+                )
+            )
             continue
         if not isinstance(raw, dict):
-            errors.append(PlanError(path, number, f"expected a JSON object, got "
-                                                  f"{type(raw).__name__} {raw!r:.60}"))
+            errors.append(
+                PlanError(
+                    path,
+                    number,
+                    f"expected a JSON object, got {type(raw).__name__} {raw!r:.60}",
+                )
+            )
             continue
         _check(path, number, raw, rows, errors)
     return rows, errors
@@ -89,33 +104,65 @@ def _read_csv(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
                 header = cells
                 continue
             header = [*FIELDS, "sha256"]
-        raw = dict(zip(header, (c.strip() for c in record)))
+        raw = dict(zip(header, (c.strip() for c in record), strict=False))
         if len(record) > len(header):
-            errors.append(PlanError(path, number, f"{len(record)} columns, expected at most "
-                                                  f"{len(header)} ({', '.join(header)})"))
+            errors.append(
+                PlanError(
+                    path,
+                    number,
+                    f"{len(record)} columns, expected at most "
+                    f"{len(header)} ({', '.join(header)})",
+                )
+            )
             continue
         _check(path, number, raw, rows, errors)
     return rows, errors
 
 
-def _check(path: str, number: int, raw: dict[str, Any], rows: list[PlanRow],
-           errors: list[PlanError]) -> None:
-    missing = [f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()]
+def _check(
+    path: str,
+    number: int,
+    raw: dict[str, Any],
+    rows: list[PlanRow],
+    errors: list[PlanError],
+) -> None:
+    missing = [
+        f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()
+    ]
     if missing:
         shown = {f: raw.get(f) for f in missing}
-        errors.append(PlanError(path, number, f"missing or empty {', '.join(missing)} "
-                                              f"(got {shown!r}); every row needs work_id, "
-                                              "artifact_id and url"))
+        errors.append(
+            PlanError(
+                path,
+                number,
+                f"missing or empty {', '.join(missing)} "
+                f"(got {shown!r}); every row needs work_id, "
+                "artifact_id and url",
+            )
+        )
         return
     sha = raw.get("sha256") or None
     if sha is not None and (not isinstance(sha, str) or not SHA_RE.match(sha)):
-        errors.append(PlanError(path, number, f"sha256 {sha!r} is not 64 hex digits; "
-                                              "leave it empty or give the full digest"))
+        errors.append(
+            PlanError(
+                path,
+                number,
+                f"sha256 {sha!r} is not 64 hex digits; "
+                "leave it empty or give the full digest",
+            )
+        )
         return
     try:
         url = canonical_url(raw["url"])
     except (IdemError, ValueError) as exc:
         errors.append(PlanError(path, number, f"url {raw['url']!r}: {exc}"))
         return
-    rows.append(PlanRow(number, raw["work_id"], raw["artifact_id"], url,
-                        sha.lower() if sha else None))
+    rows.append(
+        PlanRow(
+            number,
+            raw["work_id"],
+            raw["artifact_id"],
+            url,
+            sha.lower() if sha else None,
+        )
+    )

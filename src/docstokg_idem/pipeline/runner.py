@@ -55,7 +55,9 @@ class RunResult:
     final_counts: dict[str, Any] = field(default_factory=dict)
 
 
-def _worker_main(config: WorkerConfig, faults: list[dict[str, Any]], stats_path: str) -> None:
+def _worker_main(
+    config: WorkerConfig, faults: list[dict[str, Any]], stats_path: str
+) -> None:
     _observe(config)
     stop = threading.Event()
     install_stop_signals(stop)
@@ -70,8 +72,10 @@ def _observe(config: WorkerConfig) -> None:
     from ..core.telemetry import JsonLinesSink, LoggingSink, add_sink
 
     if config.log_level is not None:
-        logging.basicConfig(level=config.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=config.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         if config.log_level <= logging.INFO:
             add_sink(LoggingSink())
     if config.events_path:
@@ -169,11 +173,19 @@ class Supervisor:
         faults = self.faults(slot.index, slot.generation) if self.faults else []
         self.armed[slot.owner] = [f["point"] for f in faults]
         stats_path = str(self.stats_dir / f"{slot.owner}.json")
-        slot.process = self.ctx.Process(target=_worker_main, args=(config, faults, stats_path),
-                                        name=f"docstokg-idem {slot.owner}", daemon=True)
+        slot.process = self.ctx.Process(
+            target=_worker_main,
+            args=(config, faults, stats_path),
+            name=f"docstokg-idem {slot.owner}",
+            daemon=True,
+        )
         slot.process.start()
-        log.info("started worker owner=%s pid=%s faults=%s", slot.owner, slot.process.pid,
-                 [f["point"] for f in faults])
+        log.info(
+            "started worker owner=%s pid=%s faults=%s",
+            slot.owner,
+            slot.process.pid,
+            [f["point"] for f in faults],
+        )
 
     def _reap(self, slot: _Slot, cx: Any, result: RunResult) -> None:
         proc = slot.process
@@ -186,12 +198,19 @@ class Supervisor:
         self._collect(slot, result)
         if code == 0:
             return
-        ended = expire_owner_leases(cx, owner=slot.owner, why=f"worker exited with {code}")
+        ended = expire_owner_leases(
+            cx, owner=slot.owner, why=f"worker exited with {code}"
+        )
         if self.stopping and code in (-signal.SIGTERM, -signal.SIGINT, 1):
             return  # asked to stop before its handler was in place: not a crash
         result.crashes += 1
-        log.warning("worker owner=%s pid=%s exited with %s; ended %d of its leases",
-                    slot.owner, proc.pid, code, ended)
+        log.warning(
+            "worker owner=%s pid=%s exited with %s; ended %d of its leases",
+            slot.owner,
+            proc.pid,
+            code,
+            ended,
+        )
         if self.stopping or result.restarts >= self.max_restarts:
             return
         slot.generation += 1
@@ -214,7 +233,9 @@ class Supervisor:
             self.stopping = True
             log.warning("signal %s: asking workers to stop; progress is kept", signum)
 
-        return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return {
+            sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
 
     def _restore_signals(self, previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():

@@ -26,9 +26,9 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from ..core import (
@@ -96,7 +96,11 @@ class WorkerConfig:
 
     @property
     def renew_every(self) -> float:
-        return self.renew_every_s if self.renew_every_s is not None else self.lease_ttl_s / 3
+        return (
+            self.renew_every_s
+            if self.renew_every_s is not None
+            else self.lease_ttl_s / 3
+        )
 
 
 @dataclass
@@ -127,8 +131,14 @@ def suffix_for(content_type: str | None) -> str:
 class Worker:
     """One worker: a database connection, an HTTP client and a loop of jobs."""
 
-    def __init__(self, config: WorkerConfig, *, cx: Connection | None = None,
-                 client: Client | None = None, stop: threading.Event | None = None):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        cx: Connection | None = None,
+        client: Client | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.config = config
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +162,9 @@ class Worker:
         while not self.stop.is_set():
             if self.config.max_jobs is not None and done >= self.config.max_jobs:
                 break
-            lease = lease_next_job(self.cx, owner=self.config.owner, ttl_s=self.config.lease_ttl_s)
+            lease = lease_next_job(
+                self.cx, owner=self.config.owner, ttl_s=self.config.lease_ttl_s
+            )
             if lease is None:
                 break
             self.process(lease)
@@ -166,22 +178,38 @@ class Worker:
             self._process(lease)
         except LeaseLost as exc:
             self.stats.lease_lost += 1
-            log.warning("lease_lost job=%s token=%s owner=%s: %s", job, lease.token,
-                        self.config.owner, exc)
+            log.warning(
+                "lease_lost job=%s token=%s owner=%s: %s",
+                job,
+                lease.token,
+                self.config.owner,
+                exc,
+            )
         except Stopping:
-            log.info("stopping job=%s token=%s: progress kept, lease released", job, lease.token)
+            log.info(
+                "stopping job=%s token=%s: progress kept, lease released",
+                job,
+                lease.token,
+            )
             self._release_quietly(lease)
         except (HttpError, ChecksumMismatch, OSError, ValueError) as exc:
             self._fail(lease, exc)
 
     def _fail(self, lease: Lease, exc: Exception) -> None:
-        retryable = not isinstance(exc, (BodyTooLarge,)) and getattr(exc, "retryable", True)
+        retryable = not isinstance(exc, (BodyTooLarge,)) and getattr(
+            exc, "retryable", True
+        )
         reason = f"{type(exc).__name__}: {exc}"
         self.stats.jobs_failed += 1
         try:
             lease.fail(reason, retryable=bool(retryable))
-            log.warning("failed job=%s token=%s state=FAILED retryable=%s: %s",
-                        lease.job_id[:12], lease.token, retryable, reason)
+            log.warning(
+                "failed job=%s token=%s state=FAILED retryable=%s: %s",
+                lease.job_id[:12],
+                lease.token,
+                retryable,
+                reason,
+            )
         except LeaseLost:
             self.stats.lease_lost += 1
 
@@ -194,13 +222,21 @@ class Worker:
     def _process(self, lease: Lease) -> None:
         self.lease = lease
         head = self._head()
-        if head.get("size") is not None and head["size"] > self.config.http.max_body_bytes:
-            raise BodyTooLarge(f"{lease.url}: HEAD says {head['size']} bytes, over the "
-                               f"maximum of {self.config.http.max_body_bytes}")
+        if (
+            head.get("size") is not None
+            and head["size"] > self.config.http.max_body_bytes
+        ):
+            raise BodyTooLarge(
+                f"{lease.url}: HEAD says {head['size']} bytes, over the "
+                f"maximum of {self.config.http.max_body_bytes}"
+            )
         stream = self._stream(head)
         if not self._publishable(stream):
-            stream = self._stream_again(head, f"part file {stream['part']} recorded by "
-                                              "STREAM is gone; streaming again")
+            stream = self._stream_again(
+                head,
+                f"part file {stream['part']} recorded by "
+                "STREAM is gone; streaming again",
+            )
         try:
             self._finalize(stream)
         except PartMissing as exc:
@@ -211,36 +247,61 @@ class Worker:
             self._finalize(stream)
         self._index(stream)
         self.stats.jobs_done += 1
-        log.info("done job=%s token=%s state=INDEXED size=%s", lease.job_id[:12],
-                 lease.token, stream["size"])
+        log.info(
+            "done job=%s token=%s state=INDEXED size=%s",
+            lease.job_id[:12],
+            lease.token,
+            stream["size"],
+        )
 
     def _publishable(self, stream: dict[str, Any]) -> bool:
         """Check the world before FINALIZE starts: the part or the final file is there."""
         if (self.out / stream["part"]).exists():
             return True
         final = self.out / stream["final"]
-        return final.exists() and sha256_file(final) == (stream["sha256"], stream["size"])
+        return final.exists() and sha256_file(final) == (
+            stream["sha256"],
+            stream["size"],
+        )
 
     def _stream_again(self, head: dict[str, Any], reason: str) -> dict[str, Any]:
         """Set the recorded STREAM aside (its part file is gone) and stream anew."""
-        reopen_op(self.cx, opkey=self._key("STREAM"), job_id=self.lease.job_id,
-                  token=self.lease.token, reason=reason)
+        reopen_op(
+            self.cx,
+            opkey=self._key("STREAM"),
+            job_id=self.lease.job_id,
+            token=self.lease.token,
+            reason=reason,
+        )
         return self._stream(head)
 
     @property
     def _power_safe(self) -> bool:
         """Whether recorded progress must survive power loss (synchronous=FULL)."""
-        return self.config.durable and self.config.synchronous.upper() in ("FULL", "EXTRA")
+        return self.config.durable and self.config.synchronous.upper() in (
+            "FULL",
+            "EXTRA",
+        )
 
     def _key(self, kind: str) -> str:
         return op_key(kind, self.lease.job_id)
 
-    def _effect(self, kind: str, fn: Any, *, stoppable: bool = True, **kw: Any) -> dict[str, Any]:
+    def _effect(
+        self, kind: str, fn: Any, *, stoppable: bool = True, **kw: Any
+    ) -> dict[str, Any]:
         if stoppable:
             self._check_stop()
-        result = run_effect(self.cx, job_id=self.lease.job_id, kind=kind,
-                            opkey=self._key(kind), effect_fn=fn, token=self.lease.token,
-                            owner=self.config.owner, ttl_s=self.lease.ttl_s, **kw)
+        result = run_effect(
+            self.cx,
+            job_id=self.lease.job_id,
+            kind=kind,
+            opkey=self._key(kind),
+            effect_fn=fn,
+            token=self.lease.token,
+            owner=self.config.owner,
+            ttl_s=self.lease.ttl_s,
+            **kw,
+        )
         if self.cx.last_replayed:
             self.stats.replays += 1
         return result
@@ -254,8 +315,9 @@ class Worker:
             crashpoint("head.after_response")
             return answer
 
-        answer = self._effect("HEAD", head, then_state=JobState.HEAD_DONE,
-                              allowed_from={JobState.LEASED})
+        answer = self._effect(
+            "HEAD", head, then_state=JobState.HEAD_DONE, allowed_from={JobState.LEASED}
+        )
         if self.lease.state == JobState.LEASED:
             # A retry out of FAILED is claimed as LEASED and replays the recorded
             # HEAD, which moves no state: take the HEAD_DONE edge here.
@@ -269,15 +331,26 @@ class Worker:
         name = final_name(lease.job_id, suffix_for(head.get("content_type")))
 
         def record(tx: Connection, result: dict[str, Any]) -> None:
-            set_digest(tx, job_id=lease.job_id, final_name=result["final"],
-                       sha256=result["sha256"], size=result["size"])
+            set_digest(
+                tx,
+                job_id=lease.job_id,
+                final_name=result["final"],
+                sha256=result["sha256"],
+                size=result["size"],
+            )
 
-        result = self._effect("STREAM", lambda: self._receive(head, name), on_record=record,
-                              start_state=JobState.STREAMING)
+        result = self._effect(
+            "STREAM",
+            lambda: self._receive(head, name),
+            on_record=record,
+            start_state=JobState.STREAMING,
+        )
         if self.cx.last_replayed:
             # A replay moves no state: a retry out of FAILED that replays its
             # recorded STREAM takes the STREAMING edge here (FINALIZE needs it).
-            self.lease.advance(JobState.STREAMING, {JobState.HEAD_DONE, JobState.RESUME_OK})
+            self.lease.advance(
+                JobState.STREAMING, {JobState.HEAD_DONE, JobState.RESUME_OK}
+            )
         return result
 
     def _receive(self, head: dict[str, Any], name: str) -> dict[str, Any]:
@@ -297,17 +370,32 @@ class Worker:
             crashpoint("stream.after_fsync")
         sha = body.digest.hexdigest()
         expected_size = head.get("size")
-        if expected_size is not None and body.received != expected_size and not body.restarts:
+        if (
+            expected_size is not None
+            and body.received != expected_size
+            and not body.restarts
+        ):
             part.unlink(missing_ok=True)
-            raise HttpError(f"{lease.url}: received {body.received} bytes, HEAD said "
-                            f"{expected_size}", retryable=True)
+            raise HttpError(
+                f"{lease.url}: received {body.received} bytes, HEAD said "
+                f"{expected_size}",
+                retryable=True,
+            )
         if lease.expected_sha256 and sha != lease.expected_sha256.lower():
             part.unlink(missing_ok=True)
             raise ChecksumMismatch(
-                f"{lease.url}: body SHA-256 {sha} is not the planned {lease.expected_sha256}")
-        return {"part": part.name, "final": name, "size": body.received, "sha256": sha,
-                "etag": validator, "resumed_from": resumed, "restarted": body.restarts > 0,
-                "content_type": head.get("content_type")}
+                f"{lease.url}: body SHA-256 {sha} is not the planned {lease.expected_sha256}"
+            )
+        return {
+            "part": part.name,
+            "final": name,
+            "size": body.received,
+            "sha256": sha,
+            "etag": validator,
+            "resumed_from": resumed,
+            "restarted": body.restarts > 0,
+            "content_type": head.get("content_type"),
+        }
 
     def _remove_stale_parts(self, own: Path) -> None:
         """Remove part files of this job's older tokens: this lease holds the job now."""
@@ -315,8 +403,12 @@ class Worker:
             other = self.out / part_name(self.lease.job_id, token)
             if other != own and other.exists():
                 other.unlink(missing_ok=True)
-                log.info("removed stale part job=%s token=%s file=%s",
-                         self.lease.job_id[:12], self.lease.token, other.name)
+                log.info(
+                    "removed stale part job=%s token=%s file=%s",
+                    self.lease.job_id[:12],
+                    self.lease.token,
+                    other.name,
+                )
 
     def _adopt_recorded(self, body: _Body) -> str | None:
         """Copy the bytes an earlier token recorded into this token's part file.
@@ -349,25 +441,36 @@ class Worker:
         old.unlink(missing_ok=True)
         return str(meta.get("etag")) if meta.get("etag") else None
 
-    def _fetch(self, body: _Body, validator: str | None, head: dict[str, Any]) -> str | None:
+    def _fetch(
+        self, body: _Body, validator: str | None, head: dict[str, Any]
+    ) -> str | None:
         url = head.get("url") or self.lease.url
         failures = 0
         while True:
             try:
                 start = body.received
                 if start and start == head.get("size"):
-                    return validator  # every byte is here and recorded: a range would 416
-                with self.client.get(url, start=start, if_range=validator if start else None) as resp:
+                    return (
+                        validator  # every byte is here and recorded: a range would 416
+                    )
+                with self.client.get(
+                    url, start=start, if_range=validator if start else None
+                ) as resp:
                     if start and resp.status == 200:
-                        log.info("restart job=%s token=%s: validator changed, from byte 0",
-                                 self.lease.job_id[:12], self.lease.token)
+                        log.info(
+                            "restart job=%s token=%s: validator changed, from byte 0",
+                            self.lease.job_id[:12],
+                            self.lease.token,
+                        )
                         body.restart()
                         self.stats.restarts_from_zero += 1
                     if body.received:
                         self.stats.range_gets += 1
                     else:
                         self.stats.full_gets += 1
-                    validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+                    validator = resp.headers.get("ETag") or resp.headers.get(
+                        "Last-Modified"
+                    )
                     self._copy_body(resp, body, validator)
                     return validator
             except HttpError as exc:
@@ -384,8 +487,13 @@ class Worker:
                 failures += 1
                 if failures > self.config.http.retries or not _is_transport(exc):
                     raise
-                log.info("resume job=%s token=%s at=%s after %s", self.lease.job_id[:12],
-                         self.lease.token, body.received, type(exc).__name__)
+                log.info(
+                    "resume job=%s token=%s at=%s after %s",
+                    self.lease.job_id[:12],
+                    self.lease.token,
+                    body.received,
+                    type(exc).__name__,
+                )
 
     def _copy_body(self, resp: Any, body: _Body, validator: str | None) -> None:
         limit = self.config.http.max_body_bytes
@@ -409,10 +517,15 @@ class Worker:
         # (power-loss) durability they are made durable before being recorded.
         if self._power_safe:
             os.fsync(body.file.fileno())
-        record_progress(self.cx, opkey=self._key("STREAM"), token=self.lease.token,
-                        owner=self.config.owner, job_id=self.lease.job_id,
-                        progress=body.received,
-                        meta={"token": self.lease.token, "etag": validator})
+        record_progress(
+            self.cx,
+            opkey=self._key("STREAM"),
+            token=self.lease.token,
+            owner=self.config.owner,
+            job_id=self.lease.job_id,
+            progress=body.received,
+            meta={"token": self.lease.token, "etag": validator},
+        )
         crashpoint("stream.after_progress")
 
     def _maybe_renew(self) -> None:
@@ -422,7 +535,9 @@ class Worker:
             self.lease = lease.renew()
             self.stats.renewals += 1
 
-    def _check_stop(self, body: _Body | None = None, validator: str | None = None) -> None:
+    def _check_stop(
+        self, body: _Body | None = None, validator: str | None = None
+    ) -> None:
         if not self.stop.is_set():
             return
         if body is not None and body.received:
@@ -436,12 +551,20 @@ class Worker:
         part = self.out / stream["part"]
 
         def publish() -> dict[str, Any]:
-            result = {"final": final.name, "sha256": stream["sha256"], "size": stream["size"]}
-            if final.exists() and sha256_file(final) == (stream["sha256"], stream["size"]):
+            result = {
+                "final": final.name,
+                "sha256": stream["sha256"],
+                "size": stream["size"],
+            }
+            if final.exists() and sha256_file(final) == (
+                stream["sha256"],
+                stream["size"],
+            ):
                 return {**result, "already_in_place": True}
             if not part.exists():
-                raise PartMissing(f"part file {part.name} recorded by STREAM is gone; "
-                                  "streaming again")
+                raise PartMissing(
+                    f"part file {part.name} recorded by STREAM is gone; streaming again"
+                )
             fd = os.open(part, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -455,12 +578,19 @@ class Worker:
             return {**result, "already_in_place": False}
 
         try:
-            return self._effect("FINALIZE", publish, then_state=JobState.FINALIZED,
-                                allowed_from={JobState.STREAMING}, locked=True)
+            return self._effect(
+                "FINALIZE",
+                publish,
+                then_state=JobState.FINALIZED,
+                allowed_from={JobState.STREAMING},
+                locked=True,
+            )
         except PartMissing:
             raise
         except OSError as exc:
-            exc.add_note("finalize never falls back to copy-and-delete; the job stays retryable")
+            exc.add_note(
+                "finalize never falls back to copy-and-delete; the job stays retryable"
+            )
             raise
 
     def _index(self, stream: dict[str, Any]) -> dict[str, Any]:
@@ -468,17 +598,31 @@ class Worker:
 
         def entry(tx: Connection, result: dict[str, Any]) -> None:
             crashpoint("index.before_record")
-            add_manifest_entry(tx, job_id=lease.job_id, final_name=result["final"],
-                               sha256=result["sha256"], size=result["size"], token=lease.token)
+            add_manifest_entry(
+                tx,
+                job_id=lease.job_id,
+                final_name=result["final"],
+                sha256=result["sha256"],
+                size=result["size"],
+                token=lease.token,
+            )
 
         # Not stoppable: a FINALIZED job is no longer claimable, so a stop here
         # would leave it published without its manifest entry.
-        result = self._effect("INDEX", lambda: {"final": stream["final"],
-                                                "sha256": stream["sha256"],
-                                                "size": stream["size"]},
-                              stoppable=False, then_state=JobState.INDEXED,
-                              mode="atomic", then_release=True,
-                              allowed_from={JobState.FINALIZED}, on_record=entry)
+        result = self._effect(
+            "INDEX",
+            lambda: {
+                "final": stream["final"],
+                "sha256": stream["sha256"],
+                "size": stream["size"],
+            },
+            stoppable=False,
+            then_state=JobState.INDEXED,
+            mode="atomic",
+            then_release=True,
+            allowed_from={JobState.FINALIZED},
+            on_record=entry,
+        )
         crashpoint("index.after_record")
         return result
 
@@ -538,10 +682,14 @@ class _Body:
 def _is_transport(exc: BaseException) -> bool:
     import urllib3
 
-    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+    return isinstance(
+        exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+    )
 
 
-def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> WorkerStats:
+def run_worker(
+    config: WorkerConfig, stop: threading.Event | None = None
+) -> WorkerStats:
     """Run one worker until no job is claimable; the entry point of a worker process."""
     worker = Worker(config, stop=stop)
     try:
@@ -556,5 +704,12 @@ def install_stop_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
-__all__ = ["Worker", "WorkerConfig", "WorkerStats", "run_worker", "suffix_for",
-           "install_stop_signals", "shutil"]
+__all__ = [
+    "Worker",
+    "WorkerConfig",
+    "WorkerStats",
+    "run_worker",
+    "suffix_for",
+    "install_stop_signals",
+    "shutil",
+]
