@@ -613,3 +613,28 @@ def test_run_without_a_database_says_to_plan_first(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "plan" in result.stderr
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_plan_row_with_a_number_for_an_id_says_it_must_be_text(tmp_path: Path) -> None:
+    """A JSON number where an id belongs is reported as a type error, not as missing."""
+    plan = tmp_path / "plan.jsonl"
+    plan.write_text('{"work_id": 7, "artifact_id": "a", "url": "http://127.0.0.1:9/a"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "docstokg_idem.cli", "--db", str(tmp_path / "j.db"),
+         "plan", str(plan)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "plan.jsonl:1: work_id must be text (got {'work_id': 7})" in result.stderr
+
+
+def test_database_path_that_is_a_folder_is_named_as_such(tmp_path: Path) -> None:
+    """--db pointing at a folder gets one line saying it is a folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "docstokg_idem.cli", "--db", str(tmp_path), "status"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "it is a folder, not a database file" in result.stderr

@@ -186,6 +186,11 @@ def _configure(
 
 def _unavailable(path: str, exc: Exception) -> DatabaseUnavailable:
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return DatabaseUnavailable(
+            f"cannot open database {path!r}: it is a folder, not a database file; "
+            "pass the path of a file (it is created if missing)"
+        )
     why = "its folder does not exist" if not os.path.isdir(folder) else str(exc)
     return DatabaseUnavailable(
         f"cannot open database {path!r}: {why}; create the folder, check its "

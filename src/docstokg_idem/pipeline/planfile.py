@@ -126,9 +126,19 @@ def _check(
     rows: list[PlanRow],
     errors: list[PlanError],
 ) -> None:
-    missing = [
-        f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()
-    ]
+    wrong = [f for f in FIELDS if raw.get(f) is not None and not isinstance(raw[f], str)]
+    if wrong:
+        shown = {f: raw[f] for f in wrong}
+        errors.append(
+            PlanError(
+                path,
+                number,
+                f"{', '.join(wrong)} must be text (got {shown!r}); quote the value, "
+                'e.g. "work_id": "7"',
+            )
+        )
+        return
+    missing = [f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()]
     if missing:
         shown = {f: raw.get(f) for f in missing}
         errors.append(
