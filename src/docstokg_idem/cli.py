@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -62,6 +63,13 @@ def clear_errors() -> Iterator[None]:
             f"{exc.filename or exc}: permission denied; fix its permissions or choose "
             "another path"
         )
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            fail(
+                "the disk holding the database is full; free space and run the command "
+                "again (what was recorded is kept)"
+            )
+        raise
     except OSError as exc:
         if exc.errno == 28:
             fail(
@@ -328,6 +336,11 @@ def run(
         else:
             result = Supervisor(template, workers=workers).run()
     _print_run(result)
+    if result.trouble:
+        fail(
+            f"the run stopped: {result.trouble}; no job lost an attempt, run again once "
+            "it is fixed"
+        )
     if result.interrupted:
         sys.exit(130)
     failed = result.final_counts.get("states", {}).get("FAILED_FINAL", 0)
@@ -457,14 +470,23 @@ def _ensure_db_exists(path: str) -> None:
 
 
 @main.command()
+@click.option(
+    "--repair-all",
+    is_flag=True,
+    help="Download again every published job whose file is missing, even "
+    "when none of them is in --out (normally a sign of a wrong --out).",
+)
 @click.pass_obj
-def reconcile(obj: dict[str, str]) -> None:
+def reconcile(obj: dict[str, Any], repair_all: bool) -> None:
     """Heal what crashed workers left: stale leases and ops, part files, lost files."""
     _ensure_db_exists(obj["db"])
     cx = open_db(obj["db"])
     try:
         with clear_errors():
-            report = reconcile_jobs(cx, obj["out"])
+            try:
+                report = reconcile_jobs(cx, obj["out"], repair_all=repair_all)
+            except ValueError as exc:
+                fail(f"{exc}; nothing was changed")
     finally:
         close(cx)
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.as_dict().items())

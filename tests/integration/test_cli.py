@@ -210,6 +210,7 @@ def test_status_json_has_counts_leases_and_failures(
         "leases_expired": 0,
         "backing_off": 0,
         "next_retry_at": None,
+        "next_lease_expiry": None,
         "failures": [],
     }
     assert ran.returncode == 1, ran.stderr  # one job failed for good

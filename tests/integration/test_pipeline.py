@@ -57,7 +57,7 @@ from docstokg_idem.pipeline import worker as worker_module
 from docstokg_idem.pipeline.legacy import download_untracked
 from docstokg_idem.pipeline.origin import Fault, Origin
 from docstokg_idem.pipeline.runner import Supervisor
-from docstokg_idem.pipeline.worker import WorkerStats
+from docstokg_idem.pipeline.worker import EnvironmentTrouble, WorkerStats
 
 pytestmark = pytest.mark.integration
 
@@ -697,22 +697,30 @@ def _assert_retryable_failure(db: Path, out: Path, job_id: str, words: str) -> N
     assert job_id not in finals(out)
 
 
-def test_injected_enospc_fails_retryably_then_resumes(
+def _assert_stopped_by_the_disk(db: Path, out: Path, job_id: str) -> None:
+    row = job(db, job_id)
+    assert (row["state"], row["claimable"], row["lease_owner"]) == ("STREAMING", 1, None)
+    assert (row["attempts"], row["fail_reason"]) == (1, None)  # no attempt is charged
+    assert ops(db, job_id)["HEAD"]["status"] == "SUCCEEDED"  # nothing recorded is lost
+    assert job_id not in finals(out)
+
+
+def test_injected_enospc_stops_the_worker_then_resumes(
     tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ENOSPC mid-stream: FAILED retryable, progress kept; a later retry resumes."""
+    """ENOSPC mid-stream stops the worker, not the job: progress kept, no attempt lost."""
     db, out = tmp_path / "jobs.db", tmp_path / "out"
     (job_id,) = plan(db, rows_for(origin, [NAME]))
     clock = FakeClock(start=time.time())
     cx = connect(db, clock=clock)
     _fail_writes_after(monkeypatch, 100_000)
     try:
-        stats = run_inline(worker_config(tmp_path), cx=cx)
+        with pytest.raises(EnvironmentTrouble, match="No space left on device"):
+            run_inline(worker_config(tmp_path), cx=cx)
     finally:
         close(cx)
 
-    assert stats.jobs_failed == 1
-    _assert_retryable_failure(db, out, job_id, "No space left on device")
+    _assert_stopped_by_the_disk(db, out, job_id)
     recorded = ops(db, job_id)["STREAM"]["progress"]
     assert 64 * 1024 <= recorded < 100_000
 
@@ -747,10 +755,10 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_real_full_disk_fails_retryably_then_finishes(
+def test_real_full_disk_stops_the_worker_then_finishes(
     tmp_path: Path, small_disk: Path
 ) -> None:
-    """A full tmpfs: FAILED retryable, no final file; with space freed, it finishes."""
+    """A full tmpfs stops the worker with no attempt lost; with space freed, it finishes."""
     db, out = tmp_path / "jobs.db", small_disk / "out"
     big = 1024 * 1024
     with Origin({"big.pdf": big}, seed=3) as server:
@@ -761,10 +769,11 @@ def test_real_full_disk_fails_retryably_then_finishes(
         clock = FakeClock(start=time.time())
         cx = connect(db, clock=clock)
         try:
-            run_inline(worker_config(tmp_path, out_dir=str(out)), cx=cx)
+            with pytest.raises(EnvironmentTrouble, match="No space left on device"):
+                run_inline(worker_config(tmp_path, out_dir=str(out)), cx=cx)
         finally:
             close(cx)
-        _assert_retryable_failure(db, out, job_id, "No space left on device")
+        _assert_stopped_by_the_disk(db, out, job_id)
 
         filler.unlink()
         stats = _retry_after_backoff(tmp_path, clock, out_dir=str(out))
@@ -942,7 +951,7 @@ def test_supervisor_restarts_killed_workers_and_finishes(tmp_path: Path) -> None
     assert (served["full_gets"], served["range_gets"]) == (len(names), 1)  # one resume
     assert sorted(code for _, code in result.exits if code) == [-9, -9]
     assert (result.crashes, result.restarts) == (2, 2)
-    assert result.armed == {
+    assert {owner.split("@")[0]: points for owner, points in result.armed.items()} == {
         "w0.0": [kills[0]],
         "w1.0": [kills[1]],
         "w0.1": [],

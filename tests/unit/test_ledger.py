@@ -31,6 +31,7 @@ from docstokg_idem import (
     canonical_json,
     close,
     connect,
+    plan_jobs,
     disarm,
     get_current_state,
     get_effect_record,
@@ -686,3 +687,27 @@ def test_renew_extends_ops_in_progress(
     assert (op["status"], op["expires_at"]) == ("IN_PROGRESS", renewed.lease_until)
     assert renewed.lease_until == T0 + 85
     assert report.ops_abandoned == 0
+
+
+def test_an_op_key_of_another_job_or_kind_raises_payload_mismatch(
+    tmp_path: Path,
+) -> None:
+    """Reusing one op key for another job's op never returns that job's result."""
+    cx = connect(tmp_path / "jobs.db")
+    try:
+        a, b = plan_jobs(cx, [
+            {"work_id": "W", "artifact_id": "a", "url": "http://127.0.0.1:9/a"},
+            {"work_id": "W", "artifact_id": "b", "url": "http://127.0.0.1:9/b"},
+        ])
+        runs: list[str] = []
+        run_effect(cx, job_id=a, kind="HEAD", opkey="k", request={"url": "u"},
+                   effect_fn=lambda: runs.append("a") or {"size": 111})
+
+        with pytest.raises(PayloadMismatch, match="belongs to HEAD of job"):
+            run_effect(cx, job_id=b, kind="STREAM", opkey="k", request={"url": "u"},
+                       effect_fn=lambda: runs.append("b") or {"size": 222})
+
+        assert runs == ["a"]
+        assert get_effect_result(cx, opkey="k") == {"size": 111}
+    finally:
+        close(cx)

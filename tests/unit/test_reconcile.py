@@ -30,6 +30,7 @@ from docstokg_idem import (
     op_key,
     plan_jobs,
     reconcile_jobs,
+    record_progress,
     run_effect,
     set_digest,
     transaction,
@@ -441,3 +442,50 @@ def test_file_of_an_unknown_job_is_removed(cx: Connection, out: Path) -> None:
 
     assert report.strays_removed == [stray.name]
     assert not stray.exists()
+
+
+def test_reconcile_refuses_a_folder_holding_none_of_the_published_files(
+    cx: Connection, jobs: list[str], out: Path, tmp_path: Path
+) -> None:
+    """A wrong --out (none of two published files there) changes nothing."""
+    names = []
+    for owner in ("w1", "w2"):
+        lease = _claim(cx, owner)
+        names.append(_finalize(cx, lease, out, write=True))
+    wrong = tmp_path / "typo"
+    wrong.mkdir()
+
+    with pytest.raises(ValueError, match="none of the 2 published files"):
+        reconcile_jobs(cx, wrong)
+    with pytest.raises(ValueError, match="does not exist"):
+        reconcile_jobs(cx, tmp_path / "missing")
+
+    assert {get_current_state(cx, job_id=j) for j in jobs[:2]} == {S.FINALIZED}
+    assert all((out / name).exists() for name in names)
+    assert len(reconcile_jobs(cx, wrong, repair_all=True).repaired) == 2
+
+
+def test_reconcile_keeps_the_part_file_whose_bytes_are_recorded(
+    cx: Connection, jobs: list[str], out: Path, clock: FakeClock
+) -> None:
+    """A dead lease's part with recorded progress stays for the next lease (I9)."""
+    lease = _claim(cx, "w1", ttl_s=10)
+    _advance(lease, S.HEAD_DONE, S.STREAMING)
+    key = op_key("STREAM", lease.job_id)
+    arm([{"point": "op.after_start", "action": "raise"}])
+    with pytest.raises(CrashPointFired):
+        run_effect(cx, job_id=lease.job_id, kind="STREAM", opkey=key,
+                   effect_fn=lambda: {}, token=lease.token, owner="w1")
+    disarm()
+    record_progress(cx, opkey=key, token=lease.token, owner="w1", job_id=lease.job_id,
+                    progress=3, meta={"token": lease.token})
+    recorded = out / part_name(lease.job_id, lease.token)
+    recorded.write_bytes(b"abc")
+    stray = out / part_name(lease.job_id, 99)
+    stray.write_bytes(b"x")
+    clock.advance(11)
+
+    report = reconcile_jobs(cx, out)
+
+    assert report.parts_removed == [stray.name]
+    assert recorded.read_bytes() == b"abc"

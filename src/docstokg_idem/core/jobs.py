@@ -21,6 +21,8 @@ from .keys import job_key_and_url
 from .states import ACTIVE, DONE, JobState, is_allowed
 
 DEFAULT_MAX_ATTEMPTS = 5
+#: the longest TTL taken (a year): anything longer is a lease that never ends
+MAX_TTL_S = 365 * 24 * 3600.0
 DEFAULT_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 300.0
 
@@ -36,13 +38,13 @@ def check_ttl(ttl_s: float | None, what: str = "ttl_s") -> float:
     """
     if ttl_s is None or isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
         raise ConfigError(
-            f"{what}={ttl_s!r} is not a TTL; give a number of seconds >= 0 "
-            "(0 means expired at once; there is no 'never expires')"
+            f"{what}={ttl_s!r} is not a TTL; give a number of seconds from 0 to "
+            f"{MAX_TTL_S:.0f} (0 means expired at once; there is no 'never expires')"
         )
-    if not ttl_s >= 0 or ttl_s == float("inf"):
+    if not 0 <= ttl_s <= MAX_TTL_S:
         raise ConfigError(
-            f"{what}={ttl_s!r} must be a finite number of seconds >= 0; "
-            "0 means expired at once"
+            f"{what}={ttl_s!r} must be a number of seconds from 0 to {MAX_TTL_S:.0f} "
+            "(a year); 0 means expired at once"
         )
     return round(float(ttl_s) * 1000) / 1000
 
@@ -821,4 +823,5 @@ def counts(cx: sqlite3.Connection) -> dict[str, Any]:
         "leases_expired": leases["expired"] or 0,
         "backing_off": leases["backing_off"] or 0,
         "next_retry_at": leases["next_retry"],
+        "next_lease_expiry": leases["next_expiry"],
     }

@@ -258,7 +258,7 @@ def _first_wins(
     """A repeatable effect: run it unless recorded, then keep the first result."""
     known = row(cx, "get_op", {"op_key": ident["op_key"]})
     if known is not None:
-        _same_request(known, fp, ident)
+        _same_request(known, fp, ident, job_id, kind)
         if known["status"] == "SUCCEEDED":
             return _replayed(cx, job_id, kind, ident, bytes(known["result"]))
     cx.last_replayed = False
@@ -268,7 +268,7 @@ def _first_wins(
     def keep_first(tx: Connection) -> tuple[bytes, bool]:
         op = row(tx, "get_op", {"op_key": ident["op_key"]})
         if op is not None:
-            _same_request(op, fp, ident)
+            _same_request(op, fp, ident, job_id, kind)
             if op["status"] == "SUCCEEDED":
                 return bytes(op["result"]), True
         if ident["token"] is not None:
@@ -323,7 +323,15 @@ def _atomic(
     return _decode(raw)
 
 
-def _same_request(op: sqlite3.Row, fp: str, ident: dict[str, Any]) -> None:
+def _same_request(
+    op: sqlite3.Row, fp: str, ident: dict[str, Any], job_id: str, kind: str
+) -> None:
+    if (op["job_id"], op["kind"]) != (job_id, kind):
+        raise PayloadMismatch(
+            f"op key {ident['op_key']!r} belongs to {op['kind']} of job "
+            f"{op['job_id']!r}, and is now asked for as {kind} of job {job_id!r}; "
+            "derive op keys with op_key(kind, job_id, ...) so that each names one op"
+        )
     if op["fingerprint"] != fp:
         raise PayloadMismatch(
             f"op key {ident['op_key']!r} ({op['kind']} of job {op['job_id']!r}) was "
@@ -346,7 +354,7 @@ def _start(
     now = _now(tx)
     op = row(tx, "get_op", {"op_key": ident["op_key"]})
     if op is not None:
-        _same_request(op, fp, ident)
+        _same_request(op, fp, ident, job_id, kind)
         if op["status"] == "SUCCEEDED":
             return bytes(op["result"])
         held = op["status"] == "IN_PROGRESS" and op["expires_at"] > max(

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import telemetry
 from .db import Connection, ensure_own, q, row, write
-from .files import list_finals, list_parts, sha256_file
+from .files import PART_RE, list_finals, list_parts, sha256_file
 from .jobs import _claim_now, change_state, history
 from .states import DONE, REPAIR_EDGES, JobState
 
@@ -135,9 +135,17 @@ def reconcile_jobs(
     staging_root: str | os.PathLike[str],
     *,
     now: float | None = None,
+    repair_all: bool = False,
 ) -> ReconcileReport:
-    """Run every healing step over the database and the output folder."""
+    """Run every healing step over the database and the output folder.
+
+    Raises:
+        ValueError: ``staging_root`` does not exist, or every published job's
+            file is missing from it (a wrong folder, most likely) and
+            ``repair_all`` is not set: nothing is changed then.
+    """
     own = ensure_own(cx)
+    _ensure_output_folder(own, staging_root, repair_all)
     report = ReconcileReport()
     report.leases_cleared = cleanup_stale_leases(own, now)
     report.ops_abandoned = cleanup_stale_ops(own, now)
@@ -146,6 +154,51 @@ def reconcile_jobs(
     _adopt_or_remove_finals(own, staging_root, report)
     _index_finalized(own, staging_root, report)
     return report
+
+
+def _ensure_output_folder(
+    cx: Connection, root: str | os.PathLike[str], repair_all: bool
+) -> None:
+    """Refuse a folder that cannot be the one the jobs were published to.
+
+    A missing folder, or one holding none of two or more published files, is
+    most likely a wrong ``--out``; taking it at its word would send every
+    published job back to be downloaded.
+    """
+    published = cx.execute(q("jobs_in_states"), {"states": _PUBLISHED}).fetchall()
+    if repair_all or not published:
+        return
+    if not os.path.isdir(root):
+        raise ValueError(
+            f"output folder {os.fspath(root)!r} does not exist, yet {len(published)} jobs "
+            "were published; pass the folder the files were downloaded to (--out), or "
+            "repair_all=True (reconcile --repair-all) to download them all again"
+        )
+    finals = list_finals(root)
+    if len(published) > 1 and not any(job["job_id"] in finals for job in published):
+        raise ValueError(
+            f"none of the {len(published)} published files is in {os.fspath(root)!r}; "
+            "is it the right output folder? Pass the folder the files were downloaded "
+            "to, or repair_all=True (reconcile --repair-all) to download them again"
+        )
+
+
+_PUBLISHED = json.dumps(["FINALIZED", "INDEXED", "DEDUPED"])
+
+
+def _referenced_parts(tx: Connection) -> set[tuple[str, int]]:
+    """(job, token) of part files the ledger still points at (see the query)."""
+    keep: set[tuple[str, int]] = set()
+    for op in tx.execute(q("referenced_parts")).fetchall():
+        if op["status"] != "SUCCEEDED" and op["progress_meta"]:
+            token = json.loads(op["progress_meta"]).get("token")
+            if isinstance(token, int):
+                keep.add((op["job_id"], token))
+        elif op["status"] == "SUCCEEDED" and op["result"]:
+            match = PART_RE.match(str(json.loads(op["result"]).get("part") or ""))
+            if match:
+                keep.add((op["job_id"], int(match["token"])))
+    return keep
 
 
 def _live_token(tx: Connection, job_id: str, now: float) -> int | None:
@@ -169,6 +222,8 @@ def _remove_dead_parts(
             at = _claim_now(tx) if now is None else now
             if _live_token(tx, job_id, at) == token:
                 return False
+            if (job_id, token) in _referenced_parts(tx):
+                return False  # recorded bytes a new lease resumes from (I9)
             path.unlink(missing_ok=True)  # under the write lock: no claim races it
             return True
 
@@ -263,6 +318,11 @@ def _adopt_or_remove_finals(
             ):
                 _adopt(tx, current, path.name, at)
                 return "adopted"
+            if current is not None and (current["sha256"], current["size"]) == (
+                digest,
+                size,
+            ):
+                return "kept"  # the recorded body: a worker's FINALIZE will find it
             path.unlink()
             return "removed"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.files import list_finals, list_parts, sha256_file
+from ..core.files import PART_RE, list_finals, list_parts, sha256_file
 from ..core.keys import canonical_json, job_key
 from ..core.states import DONE, EDGES, REPAIR_EDGES, JobState
 
@@ -602,6 +602,33 @@ def _i7(
     return out
 
 
+def _referenced(
+    jobs: Mapping[str, dict[str, Any]], ops: list[dict[str, Any]]
+) -> set[tuple[str, int]]:
+    """Part files the ledger still points at, for a job not published yet.
+
+    The recorded progress of an unfinished op names its token's part file, and
+    a recorded STREAM result names the part FINALIZE will publish: a new lease
+    resumes from them (I9), so they are not residue.
+    """
+    published = {"FINALIZED", "INDEXED", "DEDUPED", "SKIPPED_DUPLICATE"}
+    keep: set[tuple[str, int]] = set()
+    for op in ops:
+        job = jobs.get(op["job_id"])
+        if job is None or job["state"] in published:
+            continue
+        if op["status"] != "SUCCEEDED" and op["progress"] and op["progress_meta"]:
+            token = json.loads(op["progress_meta"]).get("token")
+            if isinstance(token, int):
+                keep.add((op["job_id"], token))
+        elif op["status"] == "SUCCEEDED" and op["result"]:
+            name = str(json.loads(bytes(op["result"])).get("part") or "")
+            match = PART_RE.match(name)
+            if match:
+                keep.add((op["job_id"], int(match["token"])))
+    return keep
+
+
 def _i8(
     jobs: Mapping[str, dict[str, Any]],
     ops: list[dict[str, Any]],
@@ -609,6 +636,7 @@ def _i8(
     now: float,
 ) -> list[Violation]:
     out = []
+    keep = _referenced(jobs, ops)
     for path, job_id, token in list_parts(out_dir):
         job = jobs.get(job_id)
         live = (
@@ -617,7 +645,7 @@ def _i8(
             and job["lease_until"] > now
             and job["lease_token"] == token
         )
-        if not live:
+        if not live and (job_id, token) not in keep:
             out.append(
                 Violation(
                     "I8",

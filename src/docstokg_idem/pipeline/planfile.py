@@ -126,7 +126,9 @@ def _check(
     rows: list[PlanRow],
     errors: list[PlanError],
 ) -> None:
-    wrong = [f for f in FIELDS if raw.get(f) is not None and not isinstance(raw[f], str)]
+    wrong = [
+        f for f in FIELDS if raw.get(f) is not None and not isinstance(raw[f], str)
+    ]
     if wrong:
         shown = {f: raw[f] for f in wrong}
         errors.append(
@@ -138,7 +140,9 @@ def _check(
             )
         )
         return
-    missing = [f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()]
+    missing = [
+        f for f in FIELDS if not isinstance(raw.get(f), str) or not raw[f].strip()
+    ]
     if missing:
         shown = {f: raw.get(f) for f in missing}
         errors.append(

@@ -15,9 +15,11 @@ on their exit sentinels, and:
 from __future__ import annotations
 
 import json
+import secrets
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,9 +34,18 @@ from ..core import connect
 from ..core.crashpoints import arm
 from ..core.db import close
 from ..core.jobs import counts, expire_owner_leases
-from .worker import WorkerConfig, WorkerStats, install_stop_signals, run_worker
+from .worker import (
+    EnvironmentTrouble,
+    WorkerConfig,
+    WorkerStats,
+    install_stop_signals,
+    run_worker,
+)
 
 log = logging.getLogger("docstokg_idem.runner")
+
+#: exit status of a worker that stopped because the output folder is unusable
+ENVIRONMENT_EXIT = 3
 
 #: Decides the faults of a new worker: (slot, generation) -> fault specs.
 FaultPlan = Callable[[int, int], list[dict[str, Any]]]
@@ -50,6 +61,8 @@ class RunResult:
     stats: WorkerStats = field(default_factory=WorkerStats)
     interrupted: bool = False
     elapsed_s: float = 0.0
+    #: why the run stopped early on its own (a full disk, an unwritable folder)
+    trouble: str | None = None
     #: the crash points each worker was armed with, by owner name
     armed: dict[str, list[str]] = field(default_factory=dict)
     final_counts: dict[str, Any] = field(default_factory=dict)
@@ -63,8 +76,15 @@ def _worker_main(
     install_stop_signals(stop)
     if faults:
         arm(faults, worker=config.owner)
-    stats = run_worker(config, stop)
-    Path(stats_path).write_text(json.dumps(stats.as_dict()))
+    try:
+        stats = run_worker(config, stop)
+    except EnvironmentTrouble as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(ENVIRONMENT_EXIT)
+    try:
+        Path(stats_path).write_text(json.dumps(stats.as_dict()))
+    except OSError:
+        pass  # a full disk: the stats are a summary, the database is the record
 
 
 def _observe(config: WorkerConfig) -> None:
@@ -117,6 +137,10 @@ class Supervisor:
         self.stats_dir = Path(template.out_dir) / ".workers"
         self.stopping = False
         self.armed: dict[str, list[str]] = {}
+        #: tells this run's workers from another run's on the same database
+        self.run_id = secrets.token_hex(3)
+        self.trouble: str | None = None
+        self._wake = threading.Event()
 
     def run(self) -> RunResult:
         started = time.monotonic()
@@ -149,26 +173,39 @@ class Supervisor:
             self._restore_signals(previous)
             self._stop_all(slots)
             close(cx)
-        result.interrupted = self.stopping
+        result.interrupted = self.stopping and self.trouble is None
+        result.trouble = self.trouble
         result.armed = dict(self.armed)
         result.elapsed_s = time.monotonic() - started
         return result
 
     def _more_to_do(self, snapshot: dict[str, Any], slots: list[_Slot]) -> bool:
+        """Every worker went idle: wait for the next job to become claimable."""
         waiting = snapshot["total"] - snapshot["finished"]
         if waiting <= 0:
             return False
-        retry_at = snapshot["next_retry_at"]
-        if retry_at is not None and snapshot["backing_off"] == waiting:
-            delay = max(0.0, min(60.0, retry_at - time.time()))
-            log.info("waiting %.1fs for %d jobs in retry backoff", delay, waiting)
-            threading.Event().wait(delay)
+        moments = [
+            t
+            for t in (snapshot["next_retry_at"], snapshot["next_lease_expiry"])
+            if t is not None
+        ]
+        if moments:
+            delay = max(0.0, min(60.0, min(moments) - time.time()))
+            log.info(
+                "%d jobs wait for a retry backoff or a lease of another worker; "
+                "next one claimable in %.1fs",
+                waiting,
+                delay,
+            )
+            self._wake.wait(delay)
+            if self.stopping:
+                return False
         for slot in slots:
             self._start(slot)
         return True
 
     def _start(self, slot: _Slot) -> None:
-        slot.owner = f"w{slot.index}.{slot.generation}"
+        slot.owner = f"w{slot.index}.{slot.generation}@{self.run_id}"
         config = replace(self.template, owner=slot.owner)
         faults = self.faults(slot.index, slot.generation) if self.faults else []
         self.armed[slot.owner] = [f["point"] for f in faults]
@@ -198,6 +235,10 @@ class Supervisor:
         self._collect(slot, result)
         if code == 0:
             return
+        if code == ENVIRONMENT_EXIT:
+            self.trouble = "the output folder cannot be written (see the error above)"
+            self.stopping = True
+            return
         ended = expire_owner_leases(
             cx, owner=slot.owner, why=f"worker exited with {code}"
         )
@@ -219,11 +260,13 @@ class Supervisor:
 
     def _collect(self, slot: _Slot, result: RunResult) -> None:
         path = self.stats_dir / f"{slot.owner}.json"
-        if not path.exists():
-            return
-        for key, value in json.loads(path.read_text()).items():
+        try:
+            stats = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # killed, or a full disk: the database holds the truth anyway
+        for key, value in stats.items():
             setattr(result.stats, key, getattr(result.stats, key) + value)
-        path.unlink()
+        path.unlink(missing_ok=True)
 
     def _trap_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -231,6 +274,7 @@ class Supervisor:
 
         def stop(signum: int, _frame: Any) -> None:
             self.stopping = True
+            self._wake.set()
             log.warning("signal %s: asking workers to stop; progress is kept", signum)
 
         return {

@@ -19,12 +19,14 @@ the job at once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,6 +62,16 @@ SUFFIX_BY_TYPE = {
     "application/json": ".json",
     "text/plain": ".txt",
 }
+
+
+#: errno values that say the output folder or its disk is at fault, not the job
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+
+
+class EnvironmentTrouble(RuntimeError):
+    """The output folder cannot be written: the worker stops; no job is failed."""
 
 
 class Stopping(Exception):
@@ -192,7 +204,19 @@ class Worker:
                 lease.token,
             )
             self._release_quietly(lease)
-        except (HttpError, ChecksumMismatch, OSError, ValueError) as exc:
+        except OSError as exc:
+            if exc.errno in _ENVIRONMENT_ERRNOS:
+                # The folder, not the job, is at fault: keep the job's attempts.
+                self._release_quietly(lease)
+                raise EnvironmentTrouble(
+                    f"{exc.strerror} writing {exc.filename or self.out}: "
+                    "free space or fix the folder's permissions, then run again; "
+                    "the job keeps its recorded progress"
+                ) from exc
+            self._fail(lease, exc)
+        except sqlite3.Error:
+            raise  # the database is at fault, not the job: the worker stops
+        except Exception as exc:  # an HTTP, checksum or transport fault of this job
             self._fail(lease, exc)
 
     def _fail(self, lease: Lease, exc: Exception) -> None:

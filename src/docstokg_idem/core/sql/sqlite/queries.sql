@@ -176,10 +176,21 @@ SELECT state, claimable, count(*) AS n FROM jobs GROUP BY state, claimable;
 SELECT sum(lease_owner IS NOT NULL AND lease_until > :now) AS live,
        sum(lease_owner IS NOT NULL AND lease_until <= :now) AS expired,
        sum(claimable = 1 AND not_before > :now) AS backing_off,
-       min(CASE WHEN claimable = 1 AND not_before > :now THEN not_before END) AS next_retry
+       min(CASE WHEN claimable = 1 AND not_before > :now THEN not_before END) AS next_retry,
+       min(CASE WHEN lease_owner IS NOT NULL AND lease_until > :now
+                THEN lease_until END) AS next_expiry
 FROM jobs;
 
 -- name: finalized_unindexed
 SELECT j.* FROM jobs AS j LEFT JOIN manifest AS m ON m.job_id = j.job_id
 WHERE j.state = 'FINALIZED' AND m.job_id IS NULL
   AND (j.lease_owner IS NULL OR j.lease_until <= :now);
+
+-- name: referenced_parts
+-- Part files the ledger still points at: the recorded progress of an
+-- unfinished op (its token's part) and the part a recorded result names, for
+-- a job not published yet.
+SELECT o.job_id, o.progress_meta, o.result, o.status
+FROM ops AS o JOIN jobs AS j ON j.job_id = o.job_id
+WHERE j.state NOT IN ('FINALIZED', 'INDEXED', 'DEDUPED', 'SKIPPED_DUPLICATE')
+  AND ((o.status != 'SUCCEEDED' AND o.progress > 0) OR o.status = 'SUCCEEDED');
