@@ -346,8 +346,8 @@ def run(
     failed = result.final_counts.get("states", {}).get("FAILED_FINAL", 0)
     if failed:
         console.print(
-            f"{failed} jobs failed for good; `docstokg-idem status` lists them "
-            "with their reasons",
+            f"{failed} jobs failed for good; `docstokg-idem status` lists them with "
+            "their reasons, `docstokg-idem retry` gives them fresh attempts",
             soft_wrap=True,
         )
         sys.exit(1)
@@ -491,6 +491,22 @@ def reconcile(obj: dict[str, Any], repair_all: bool) -> None:
         close(cx)
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report.as_dict().items())
     out_console.print(f"reconciled: {parts}")
+
+
+@main.command()
+@click.pass_obj
+def retry(obj: dict[str, Any]) -> None:
+    """Make the jobs that failed for good claimable again; `run` then retries them."""
+    from .core.jobs import retry_failed
+
+    _ensure_db_exists(obj["db"])
+    cx = open_db(obj["db"])
+    try:
+        with clear_errors():
+            count = retry_failed(cx)
+    finally:
+        close(cx)
+    out_console.print(f"{count} failed jobs will be retried by the next run")
 
 
 @main.command()

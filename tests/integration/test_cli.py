@@ -639,3 +639,51 @@ def test_database_path_that_is_a_folder_is_named_as_such(tmp_path: Path) -> None
 
     assert result.returncode == 2
     assert "it is a folder, not a database file" in result.stderr
+
+
+def test_retry_gives_jobs_that_failed_for_good_fresh_attempts(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """A job failed for good by a too-small limit finishes after `retry` and a new run."""
+    plan_file = write_plan(tmp_path / "plan.jsonl", origin)
+    assert cli(tmp_path, "plan", str(plan_file)).returncode == 0
+    first = cli(tmp_path, "run", "--idempotency", "--workers", "1", "--no-progress",
+                "--max-body-bytes", "100000", "--retries", "0")
+    assert first.returncode == 1 and "docstokg-idem retry" in first.stderr
+
+    retried = cli(tmp_path, "retry")
+    second = cli(tmp_path, "run", "--idempotency", "--workers", "1", "--no-progress")
+    status = json.loads(cli(tmp_path, "status", "--json").stdout)
+
+    assert retried.stdout.startswith("1 failed jobs will be retried")
+    assert second.returncode == 0, second.stderr
+    assert status["states"] == {"INDEXED": 3}
+    assert cli(tmp_path, "verify").returncode == 0
+
+
+def test_plan_reports_undecodable_lines_and_plans_the_rest(tmp_path: Path) -> None:
+    """A Latin-1 byte, a lone surrogate and a UTF-16 file: bad lines named, good planned."""
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"work_id,artifact_id,url\nW1,a\xe9,http://127.0.0.1:9/a\n"
+                      b"W2,b,http://127.0.0.1:9/b\n")
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"work_id":"W","artifact_id":"A\\ud800","url":"http://127.0.0.1:9/x"}\n'
+                    '{"work_id":"W","artifact_id":"B","url":"http://127.0.0.1:9/y"}\n')
+    wide = tmp_path / "wide.csv"
+    wide.write_text("work_id,artifact_id,url\nW1,a,http://127.0.0.1:9/a\n", encoding="utf-16")
+
+    results = {
+        f.name: subprocess.run(
+            [sys.executable, "-m", "docstokg_idem.cli", "--db", str(tmp_path / f"{f.name}.db"),
+             "plan", str(f)], capture_output=True, text=True, timeout=60)
+        for f in (latin, lone, wide)
+    }
+
+    assert results["latin.csv"].returncode == 1
+    assert "latin.csv:2: not UTF-8 (byte 0xe9 at column 5)" in results["latin.csv"].stderr
+    assert "planned 1 new jobs" in results["latin.csv"].stdout
+    assert results["lone.jsonl"].returncode == 1
+    assert "lone.jsonl:1: no job key for this row" in results["lone.jsonl"].stderr
+    assert "planned 1 new jobs" in results["lone.jsonl"].stdout
+    assert results["wide.csv"].returncode == 0
+    assert "planned 1 new jobs" in results["wide.csv"].stdout

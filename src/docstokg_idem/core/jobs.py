@@ -825,3 +825,39 @@ def counts(cx: sqlite3.Connection) -> dict[str, Any]:
         "next_retry_at": leases["next_retry"],
         "next_lease_expiry": leases["next_expiry"],
     }
+
+
+def retry_failed(cx: sqlite3.Connection) -> int:
+    """Make every job that failed for good claimable again, with fresh attempts.
+
+    For failures whose cause was fixed outside the job (an origin that was
+    down, a limit that was too low). Each job keeps its progress and its
+    failure reason in history; the next claim takes the FAILED -> LEASED edge.
+    """
+    own = ensure_own(cx)
+
+    def retry(tx: Connection) -> list[sqlite3.Row]:
+        now = _now(tx)
+        rows = tx.execute(q("retry_failed"), {"now": now}).fetchall()
+        for job in rows:
+            history(
+                tx,
+                job["job_id"],
+                "retry",
+                at=now,
+                from_state="FAILED",
+                to_state="FAILED",
+                detail=f"retry after: {job['fail_reason']}",
+            )
+        return rows
+
+    rows = write(own, retry)
+    for job in rows:
+        telemetry.emit(
+            "recovered",
+            job=job["job_id"],
+            token=None,
+            state="FAILED",
+            what="failed job made retryable",
+        )
+    return len(rows)

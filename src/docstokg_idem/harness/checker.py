@@ -98,7 +98,9 @@ def _rows(cx: sqlite3.Connection, sql: str, *args: Any) -> list[dict[str, Any]]:
 
 
 def open_readonly(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
-    cx = sqlite3.connect(f"file:{os.fspath(db_path)}?mode=ro", uri=True)
+    cx = sqlite3.connect(
+        f"file:{os.fspath(db_path)}?mode=ro", uri=True, isolation_level=None
+    )
     cx.row_factory = sqlite3.Row
     return cx
 
@@ -115,6 +117,7 @@ def check(
     """Check every invariant that the database and folder can show."""
     cx = open_readonly(db_path)
     try:
+        cx.execute("BEGIN")  # every table read from one snapshot, even mid-run
         return _check(
             cx, Path(out_dir), expected or {}, after_reconcile, now, set(skip)
         )

@@ -6,6 +6,7 @@ so one typo never stops the rest of a plan.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core import canonical_url
+from ..core import canonical_url, job_key
 from ..core.errors import IdemError
 
 FIELDS = ("work_id", "artifact_id", "url")
+
+csv.field_size_limit(16 << 20)  # a URL may be long; a 16 MiB cell is still an error
 SHA_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -51,11 +54,46 @@ class PlanError:
 def read_plan(path: str | Path) -> tuple[list[PlanRow], list[PlanError]]:
     """Parse a plan file; JSON lines if it ends in .jsonl/.json or starts with '{'."""
     p = Path(path)
-    text = p.read_text(encoding="utf-8-sig")
+    text, errors = _decode(str(p), p.read_bytes())
     first = text.lstrip()[:1]
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson") or first == "{":
-        return _read_jsonl(str(p), text)
-    return _read_csv(str(p), text)
+        rows, more = _read_jsonl(str(p), text)
+    else:
+        rows, more = _read_csv(str(p), text)
+    return rows, sorted(errors + more, key=lambda e: e.line)
+
+
+def _decode(path: str, data: bytes) -> tuple[str, list[PlanError]]:
+    """The file's text, line by line; a line that is not UTF-8 becomes an error.
+
+    A UTF-16 file (with its byte order mark) is decoded as such.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16"), []
+        except UnicodeDecodeError as exc:
+            return "", [
+                PlanError(
+                    path, 1, f"not valid UTF-16 ({exc.reason}); save the file as UTF-8"
+                )
+            ]
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    lines, errors = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            errors.append(
+                PlanError(
+                    path,
+                    number,
+                    f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "save the file as UTF-8",
+                )
+            )
+            lines.append("")  # keeps the line numbers of the rows after it
+    return "\n".join(lines), errors
 
 
 def _read_jsonl(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
@@ -94,7 +132,14 @@ def _read_csv(path: str, text: str) -> tuple[list[PlanRow], list[PlanError]]:
     errors: list[PlanError] = []
     reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.append(PlanError(path, reader.line_num, f"not a CSV row ({exc})"))
+            continue
         number = reader.line_num
         if not record or not any(cell.strip() for cell in record):
             continue
@@ -170,6 +215,11 @@ def _check(
         url = canonical_url(raw["url"])
     except (IdemError, ValueError) as exc:
         errors.append(PlanError(path, number, f"url {raw['url']!r}: {exc}"))
+        return
+    try:
+        job_key(raw["work_id"], raw["artifact_id"], url)
+    except (IdemError, ValueError) as exc:
+        errors.append(PlanError(path, number, f"no job key for this row: {exc}"))
         return
     rows.append(
         PlanRow(

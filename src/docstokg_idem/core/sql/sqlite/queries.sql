@@ -194,3 +194,8 @@ SELECT o.job_id, o.progress_meta, o.result, o.status
 FROM ops AS o JOIN jobs AS j ON j.job_id = o.job_id
 WHERE j.state NOT IN ('FINALIZED', 'INDEXED', 'DEDUPED', 'SKIPPED_DUPLICATE')
   AND ((o.status != 'SUCCEEDED' AND o.progress > 0) OR o.status = 'SUCCEEDED');
+
+-- name: retry_failed
+UPDATE jobs SET claimable = 1, attempts = 0, not_before = 0, updated_at = :now
+WHERE state = 'FAILED' AND claimable = 0
+RETURNING job_id, fail_reason;
