@@ -137,7 +137,12 @@ def connect(
     cx.last_replayed = False
     try:
         _ensure_not_newer(cx)  # before WAL: a newer database is left byte for byte
-        _configure(cx, memory=memory, synchronous=mode, busy_timeout_s=busy_timeout_s)
+        _retry_busy(
+            lambda: _configure(
+                cx, memory=memory, synchronous=mode, busy_timeout_s=busy_timeout_s
+            ),
+            deadline_s=max(busy_timeout_s, 10.0),
+        )
     except SchemaTooNew:
         cx.close()
         raise
@@ -159,6 +164,21 @@ def connect(
             close(cx)
             raise
     return cx
+
+
+def _retry_busy(fn: Callable[[], None], *, deadline_s: float) -> None:
+    """Run ``fn`` again while SQLite says busy (processes opening a new file at once)."""
+    start = time.monotonic()
+    delay = 0.005
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() - start > deadline_s:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.2)
 
 
 def _configure(

@@ -195,7 +195,11 @@ def _referenced_parts(tx: Connection) -> set[tuple[str, int]]:
             if isinstance(token, int):
                 keep.add((op["job_id"], token))
         elif op["status"] == "SUCCEEDED" and op["result"]:
-            match = PART_RE.match(str(json.loads(op["result"]).get("part") or ""))
+            try:
+                part = json.loads(op["result"]).get("part")
+            except (ValueError, AttributeError):
+                continue  # a result that is not a JSON object names no part
+            match = PART_RE.match(str(part or ""))
             if match:
                 keep.add((op["job_id"], int(match["token"])))
     return keep

@@ -625,7 +625,10 @@ def _referenced(
             if isinstance(token, int):
                 keep.add((op["job_id"], token))
         elif op["status"] == "SUCCEEDED" and op["result"]:
-            name = str(json.loads(bytes(op["result"])).get("part") or "")
+            try:
+                name = str(json.loads(bytes(op["result"])).get("part") or "")
+            except (ValueError, AttributeError):
+                continue  # not a recorded STREAM result (I4 reports a broken one)
             match = PART_RE.match(name)
             if match:
                 keep.add((op["job_id"], int(match["token"])))
