@@ -59,8 +59,8 @@ class DemoReport:
     def lines(self) -> list[str]:
         return [
             f"jobs                 {self.jobs}",
-            f"crashes injected     {self.crashes} (SIGKILL at {len(set(self.crash_points))} "
-            f"different crash points)",
+            f"crashes injected     {self.crashes} of {self.crashes_planned} planned "
+            f"(SIGKILL at {len(set(self.crash_points))} crash points)",
             f"effects re-run       {self.effects_rerun}",
             f"bytes re-downloaded  {self.bytes_redownloaded:,} of {self.bytes_published:,} "
             f"({100 * self.bytes_redownloaded / max(1, self.bytes_published):.1f}%)",
