@@ -687,3 +687,20 @@ def test_plan_reports_undecodable_lines_and_plans_the_rest(tmp_path: Path) -> No
     assert "planned 1 new jobs" in results["lone.jsonl"].stdout
     assert results["wide.csv"].returncode == 0
     assert "planned 1 new jobs" in results["wide.csv"].stdout
+
+
+def test_plan_rows_naming_one_job_with_two_digests_are_reported(tmp_path: Path) -> None:
+    """The second row of a job with another sha256 is a bad row, not silently dropped."""
+    plan = tmp_path / "plan.csv"
+    plan.write_text("work_id,artifact_id,url,sha256\n"
+                    f"W1,a,http://127.0.0.1:9/a,{'a' * 64}\n"
+                    f"W1,a,http://127.0.0.1:9/a,{'b' * 64}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "docstokg_idem.cli", "--db", str(tmp_path / "j.db"),
+         "plan", str(plan)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"plan.csv:3: repeats the job of line 2 with sha256 '{'b' * 64}'" in result.stderr
+    assert "planned 1 new jobs" in result.stdout

@@ -60,7 +60,31 @@ def read_plan(path: str | Path) -> tuple[list[PlanRow], list[PlanError]]:
         rows, more = _read_jsonl(str(p), text)
     else:
         rows, more = _read_csv(str(p), text)
-    return rows, sorted(errors + more, key=lambda e: e.line)
+    rows, conflicts = _drop_conflicts(str(p), rows)
+    return rows, sorted(errors + more + conflicts, key=lambda e: e.line)
+
+
+def _drop_conflicts(
+    path: str, rows: list[PlanRow]
+) -> tuple[list[PlanRow], list[PlanError]]:
+    """A row naming the same job as an earlier one with another sha256 is an error."""
+    first: dict[tuple[str, str, str], PlanRow] = {}
+    kept, errors = [], []
+    for row in rows:
+        key = (row.work_id, row.artifact_id, row.url)
+        seen = first.setdefault(key, row)
+        if seen is not row and seen.sha256 != row.sha256:
+            errors.append(
+                PlanError(
+                    path,
+                    row.line,
+                    f"repeats the job of line {seen.line} with sha256 {row.sha256!r} instead "
+                    f"of {seen.sha256!r}; keep one of the two rows",
+                )
+            )
+            continue
+        kept.append(row)
+    return kept, errors
 
 
 def _decode(path: str, data: bytes) -> tuple[str, list[PlanError]]:
