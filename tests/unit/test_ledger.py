@@ -711,3 +711,39 @@ def test_an_op_key_of_another_job_or_kind_raises_payload_mismatch(
         assert get_effect_result(cx, opkey="k") == {"size": 111}
     finally:
         close(cx)
+
+
+def test_a_replay_under_a_new_lease_takes_the_state_moves_it_implies(
+    tmp_path: Path,
+) -> None:
+    """After a retry out of FAILED, replaying HEAD and STREAM brings the job back."""
+    cx = connect(tmp_path / "jobs.db")
+    try:
+        (job,) = plan_jobs(cx, [{"work_id": "W", "artifact_id": "a",
+                                 "url": "http://127.0.0.1:9/a"}])
+        first = lease_next_job(cx, owner="w1", ttl_s=60)
+        assert first is not None
+        run_effect(cx, job_id=job, kind="HEAD", opkey=op_key("HEAD", job),
+                   effect_fn=lambda: {"size": 1}, token=first.token, owner="w1",
+                   mode="first_wins", then_state="HEAD_DONE")
+        run_effect(cx, job_id=job, kind="STREAM", opkey=op_key("STREAM", job),
+                   effect_fn=lambda: {"part": "p"}, token=first.token, owner="w1",
+                   start_state="STREAMING")
+        first.fail("HTTP 503", retryable=True)
+        cx.execute("UPDATE jobs SET not_before = 0")
+        second = lease_next_job(cx, owner="w2", ttl_s=60)
+        assert second is not None and second.state == "LEASED"
+        ran: list[str] = []
+
+        run_effect(cx, job_id=job, kind="HEAD", opkey=op_key("HEAD", job),
+                   effect_fn=lambda: ran.append("HEAD") or {}, token=second.token,
+                   owner="w2", mode="first_wins", then_state="HEAD_DONE")
+        assert get_current_state(cx, job_id=job) is JobState.HEAD_DONE
+        run_effect(cx, job_id=job, kind="STREAM", opkey=op_key("STREAM", job),
+                   effect_fn=lambda: ran.append("STREAM") or {}, token=second.token,
+                   owner="w2", start_state="STREAMING")
+
+        assert ran == []
+        assert get_current_state(cx, job_id=job) is JobState.STREAMING
+    finally:
+        close(cx)

@@ -1002,6 +1002,17 @@ class CoreMachine(RuleBasedStateMachine):
 
         assert ran == [], "the effect ran although the call was refused"
 
+    def _catch_up(self, handle: Handle, call: _Call, mode: str) -> None:
+        """A replay under the live lease takes the moves its op implies, if allowed."""
+        now = self.now()
+        if not self.model.holds(handle.job_id, handle.token, now):
+            return
+        job = self.model.jobs[handle.job_id]
+        for dst in (call.start_state, call.then_state):
+            if dst is None or job.state == dst.value or not is_allowed(job.state, dst):
+                continue
+            self.model.change_state(handle.job_id, dst.value, handle.token, now)
+
     def _start_effect(
         self, handle: Handle, key: str, call: _Call, mode: str, op_ttl: float
     ) -> tuple[str, Any]:
@@ -1011,6 +1022,7 @@ class CoreMachine(RuleBasedStateMachine):
         """
         op = self.model.ops.get(key)
         if op is not None and op.status == "SUCCEEDED":
+            self._catch_up(handle, call, mode)
             return ("replay", json.loads(op.result or b""))  # whatever the token (I4)
         if call.mode == "first_wins":
             # TODO: first_wins runs the effect before it checks the lease and the
@@ -1155,7 +1167,7 @@ class CoreMachine(RuleBasedStateMachine):
         elif which == "ops":
             assert cleanup_stale_ops(cx) == self.model.cleanup_ops(now)
         else:
-            report = reconcile_jobs(cx, self.staging)
+            report = reconcile_jobs(cx, self.staging, repair_all=True)
             event(f"reconcile: {len(report.repaired)} repaired")
             assert report.leases_cleared == self.model.cleanup_leases(now)
             assert report.ops_abandoned == self.model.cleanup_ops(now)

@@ -65,6 +65,8 @@ class Connection(sqlite3.Connection):
     tx_now: float | None
     #: whether the last run_effect call replayed a recorded result
     last_replayed: bool
+    #: whether that replay moved the job's state (see ledger._catch_up)
+    caught_up: bool
 
 
 def _load_queries() -> dict[str, str]:
@@ -135,6 +137,7 @@ def connect(
     cx.depth = 0
     cx.tx_now = None
     cx.last_replayed = False
+    cx.caught_up = False
     try:
         _ensure_not_newer(cx)  # before WAL: a newer database is left byte for byte
         _retry_busy(

@@ -171,7 +171,7 @@ def run_effect(
 
     then = None if then_state is None else (JobState(then_state), allowed_from)
     if mode == "first_wins":
-        return _first_wins(own, job_id, kind, fp, ident, effect_fn, record)
+        return _first_wins(own, job_id, kind, fp, ident, effect_fn, record, then)
     if mode == "atomic":
         return _atomic(
             own, job_id, kind, fp, ttl, ident, effect_fn, record, start_state, then
@@ -183,8 +183,7 @@ def run_effect(
     )
     own.last_replayed = replay is not None
     if replay is not None:
-        telemetry.emit("op_replayed", job=job_id, token=token, op=kind, key=opkey[:12])
-        return _decode(replay)
+        return _replayed(own, job_id, kind, ident, replay)
     telemetry.emit("op_started", job=job_id, token=token, op=kind, key=opkey[:12])
     crashpoint("op.after_start")
 
@@ -236,6 +235,9 @@ def _replayed(
     cx: Connection, job_id: str, kind: str, ident: dict[str, Any], raw: bytes
 ) -> dict[str, Any]:
     cx.last_replayed = True
+    if cx.caught_up:  # the replay moved the state: that commit is a crash point too
+        cx.caught_up = False
+        crashpoint("state.after_commit")
     telemetry.emit(
         "op_replayed",
         job=job_id,
@@ -254,12 +256,16 @@ def _first_wins(
     ident: dict[str, Any],
     effect_fn: Effect,
     record: Callable[[Connection, Mapping[str, Any]], bytes],
+    then: tuple[JobState, Collection[JobState | str] | None] | None = None,
 ) -> dict[str, Any]:
     """A repeatable effect: run it unless recorded, then keep the first result."""
     known = row(cx, "get_op", {"op_key": ident["op_key"]})
     if known is not None:
         _same_request(known, fp, ident, job_id, kind)
         if known["status"] == "SUCCEEDED":
+            if then is not None and ident["token"] is not None:
+                token, at = ident["token"], None
+                write(cx, lambda tx: _catch_up(tx, job_id, token, at, None, then))
             return _replayed(cx, job_id, kind, ident, bytes(known["result"]))
     cx.last_replayed = False
     result = effect_fn()
@@ -323,6 +329,42 @@ def _atomic(
     return _decode(raw)
 
 
+def _catch_up(
+    tx: Connection,
+    job_id: str,
+    token: int,
+    now: float | None,
+    start_state: JobState | str | None,
+    then: tuple[JobState, Collection[JobState | str] | None] | None,
+) -> None:
+    """On a replay under a live lease, take the state moves the op implies.
+
+    A job retried out of FAILED is LEASED again while its HEAD is recorded:
+    replaying HEAD brings it back to HEAD_DONE. Moves the job is already past
+    are skipped; a replay under a lease that is not live writes nothing.
+    """
+    at = _now(tx) if now is None else now
+    got = row(tx, "fence", {"job_id": job_id, "token": token, "now": at})
+    if got is None:
+        return
+    state = str(got[0])
+    moves: list[tuple[JobState, Collection[JobState | str] | None]] = []
+    if start_state is not None:
+        moves.append((JobState(start_state), None))
+    if then is not None:
+        moves.append(then)
+    for dst, allowed in moves:
+        if state == dst.value:
+            continue
+        try:
+            _ensure_edge(job_id, state, dst, allowed)
+        except InvalidTransition:
+            continue  # the job is past this move already
+        change_state(tx, job_id, state, dst, at=at, token=token)
+        tx.caught_up = True
+        state = dst.value
+
+
 def _same_request(
     op: sqlite3.Row, fp: str, ident: dict[str, Any], job_id: str, kind: str
 ) -> None:
@@ -356,6 +398,8 @@ def _start(
     if op is not None:
         _same_request(op, fp, ident, job_id, kind)
         if op["status"] == "SUCCEEDED":
+            if ident["token"] is not None:
+                _catch_up(tx, job_id, ident["token"], now, start_state, then)
             return bytes(op["result"])
         held = op["status"] == "IN_PROGRESS" and op["expires_at"] > max(
             now, op["started_at"]
