@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -142,9 +143,25 @@ def run_schedule(
     )
 
 
+_template: Path | None = None
+
+
+def _fresh_database(db_path: Path) -> None:
+    """Copy an empty, migrated database: cheaper than migrating one per schedule."""
+    global _template
+    if _template is None or not _template.exists():
+        folder = Path(tempfile.mkdtemp(prefix="idem-template-"))
+        cx = connect(folder / "template.db")
+        cx.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        close(cx)
+        _template = folder / "template.db"
+    shutil.copyfile(_template, db_path)
+
+
 def _plan(
     db_path: Path, origin: Origin, world: World, clock: SharedClock
 ) -> dict[str, str]:
+    _fresh_database(db_path)
     cx = connect(db_path, clock=clock)
     try:
         names = list(world.artifacts)
