@@ -38,11 +38,6 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start=T0)
-
-
-@pytest.fixture
 def cx(tmp_path: Path, clock: FakeClock) -> Iterator[Connection]:
     conn = connect(tmp_path / "jobs.db", clock=clock)
     yield conn

@@ -31,7 +31,6 @@ from docstokg_idem import (
     canonical_json,
     close,
     connect,
-    plan_jobs,
     disarm,
     get_current_state,
     get_effect_record,
@@ -41,6 +40,7 @@ from docstokg_idem import (
     manifest_entries,
     op_key,
     plan_job_if_absent,
+    plan_jobs,
     reconcile_jobs,
     record_progress,
     run_effect,
@@ -70,17 +70,6 @@ class Effect:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
-
-
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    yield
-    disarm()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start=T0)
 
 
 @pytest.fixture

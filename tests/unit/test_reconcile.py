@@ -42,17 +42,6 @@ T0 = 1_700_000_000.0
 BODY = b"%PDF-1.7 the whole body\n" * 100
 
 
-@pytest.fixture(autouse=True)
-def _no_faults() -> Iterator[None]:
-    yield
-    disarm()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start=T0)
-
-
 @pytest.fixture
 def cx(tmp_path: Path, clock: FakeClock) -> Iterator[Connection]:
     conn = connect(tmp_path / "jobs.db", clock=clock)

@@ -42,11 +42,6 @@ PADDING = "x" * 3_000
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(start=T0)
-
-
-@pytest.fixture
 def cx(tmp_path: Path, clock: FakeClock) -> Iterator[Connection]:
     conn = connect(tmp_path / "jobs.db", clock=clock)
     yield conn
