@@ -264,9 +264,9 @@ class Worker:
         try:
             self._finalize(stream)
         except PartMissing as exc:
-            # TODO: the reconciler may remove an older token's part between the
-            # check above and the rename; this retry then starts FINALIZE a
-            # second time under one lease, which the checker reports under I9.
+            # The reconciler keeps a part a recorded STREAM names, so only a part
+            # removed by hand between the check above and the rename gets here;
+            # FINALIZE then starts a second time under one lease (I9 reports it).
             stream = self._stream_again(head, str(exc))
             self._finalize(stream)
         self._index(stream)
